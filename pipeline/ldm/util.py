@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -65,8 +66,8 @@ def load_yaml(path: str | os.PathLike) -> DictConfig:
         raise ConfigError(f"{path}: config file not found")
     try:
         config = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError, OSError) as error:
-        raise ConfigError(f"{path}: not a valid YAML config ({error})") from None
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as error:
+        raise ConfigError(f"{path}: not a valid YAML config ({' '.join(str(error).split())})") from None
     if not isinstance(config, DictConfig):
         raise ConfigError(f"{path}: the top level of a config must be a mapping")
     _resolve_tree(config, PIPELINE_DIR)
