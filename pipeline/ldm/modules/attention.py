@@ -40,8 +40,8 @@ class CrossAttention(nn.Module):
         """``x`` (B, N, query_dim), ``context`` (B, M, context_dim) or None. Returns (B, N, query_dim)."""
         keys_from = x if context is None else context
         if keys_from.shape[-1] != self.to_k.in_features:
-            source = "the query tokens (no context given)" if context is None else "the context"
-            raise ConfigError(f"attention: {source} have width {keys_from.shape[-1]}, but to_k expects "
+            source = "the query tokens (no context given) have" if context is None else "the context has"
+            raise ConfigError(f"attention: {source} width {keys_from.shape[-1]}, but to_k expects "
                               f"{self.to_k.in_features}; pass a context of that width or build the model with "
                               "context_dim matching the transformer width")
         query = self._split_heads(self.to_q(x))
