@@ -120,3 +120,16 @@ def test_params_from_omegaconf_are_plain_containers():
     built = instantiate_from_config(config)
     assert built == {"a": [1, 2], "b": {"c": 3}}
     assert type(built["a"]) is list
+
+
+def test_inherit_merges_parents_first_and_detects_loops(tmp_path):
+    write_yaml(tmp_path / "base.yaml", "model:\n  params:\n    width: 16\n    ckpt_path: null\n")
+    child = write_yaml(tmp_path / "child.yaml", "inherit: base.yaml\nmodel:\n  params:\n    ckpt_path: w/LMNet.ckpt\n")
+    config = load_config([child])
+    assert config.model.params.width == 16
+    assert config.model.params.ckpt_path == str((PIPELINE_DIR / "w/LMNet.ckpt").resolve())
+    assert "inherit" not in config
+    write_yaml(tmp_path / "a.yaml", "inherit: b.yaml\n")
+    write_yaml(tmp_path / "b.yaml", "inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config([tmp_path / "a.yaml"])

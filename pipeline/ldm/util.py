@@ -59,19 +59,30 @@ def _resolve_tree(node: Any, base: Path, under_path_key: bool = False) -> None:
                 node[index] = resolve_path(value, base)
 
 
-def load_yaml(path: str | os.PathLike) -> DictConfig:
-    """Load one YAML config and resolve its relative paths against ``pipeline/``."""
-    path = Path(path)
+def load_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one YAML config and resolve its relative paths against ``pipeline/``.
+
+    A top-level ``inherit: other.yaml`` (or a list of files, relative to this file's directory) loads those
+    configs first and merges this one over them, so a fine-tuning or test config states only what differs.
+    """
+    path = Path(path).resolve()
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path in _chain:
+        raise ConfigError(f"{path}: 'inherit' loops back to itself ({' -> '.join(p.name for p in _chain)})")
     try:
         config = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as error:
         raise ConfigError(f"{path}: not a valid YAML config ({' '.join(str(error).split())})") from None
     if not isinstance(config, DictConfig):
         raise ConfigError(f"{path}: the top level of a config must be a mapping")
+    parents = config.pop("inherit", None)
     _resolve_tree(config, PIPELINE_DIR)
-    return config
+    if parents is None:
+        return config
+    parents = [parents] if isinstance(parents, str) else list(parents)
+    loaded = [load_yaml(path.parent / str(parent), _chain + (path,)) for parent in parents]
+    return OmegaConf.merge(*loaded, config)
 
 
 def parse_overrides(overrides: Iterable[str], base: str | os.PathLike | None = None) -> DictConfig:

@@ -1,0 +1,271 @@
+"""VQ-GAN first stage: ``VQModel`` (trainable LightningModule) and ``VQModelInterface`` (LINet's frozen first stage).
+
+Attribute names (``encoder``, ``decoder``, ``loss``, ``quantize``, ``quant_conv``, ``post_quant_conv``) and their
+order match the original, so ``VQ.ckpt['state_dict']`` loads with ``strict=True``.
+
+Sizes: the encoder halves each spatial axis once per resampling level (factor ``f = 2`` for the release
+model). The original floors odd sizes and so loses the last voxel. Here ``encode`` first pads each spatial
+axis at its end with air (``pad_value``, 0.0 in the [0, 1] intensity space) up to a multiple of ``f``, so the
+latent has ``ceil(n / f)`` voxels; ``decode(..., output_shape=input_shape)`` crops back to the input shape.
+For even sizes nothing changes.
+
+Training uses manual optimisation (Lightning 2 has no ``optimizer_idx``): every ``training_step`` makes one
+autoencoder step, then (from ``disc_start`` on) one discriminator step. ``disc_start`` counts autoencoder
+steps (``generator_steps``, saved in the checkpoint), not Lightning's ``global_step``, which under manual
+optimisation counts the steps of both optimisers.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from fractions import Fraction
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.errors import ConfigError, DataError, MissingWeightsError
+from ldm.models.tiling import sliding_window
+from ldm.modules.diffusionmodules.model import Decoder, Encoder, conv_nd, split_ddconfig
+from ldm.modules.quantize import DEFAULT_CHUNK_SIZE, QuantizerInfo, VectorQuantizer
+from ldm.util import get_obj_from_str, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+COMMITMENT_BETA = 0.25
+ADAM_BETAS = (0.5, 0.9)
+STEPS_KEY = "vq_generator_steps"
+
+
+def pad_to_multiple(volume: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
+    """``volume`` ``(B, C, *S)`` padded with ``value`` at the end of each spatial axis to a multiple of ``multiple``."""
+    padding: list[int] = []
+    for size in reversed(volume.shape[2:]):
+        padding += [0, (-size) % multiple]
+    return F.pad(volume, padding, mode="constant", value=value) if any(padding) else volume
+
+
+def crop_to_shape(volume: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """The leading ``spatial_shape`` corner of ``volume`` ``(B, C, *S)``; every target size must be ≤ ``S``."""
+    spatial_shape = tuple(int(size) for size in spatial_shape)
+    if len(spatial_shape) != volume.dim() - 2 or any(t > s for t, s in zip(spatial_shape, volume.shape[2:])):
+        raise ValueError(f"cannot crop a volume of shape {tuple(volume.shape)} to spatial shape {spatial_shape}")
+    return volume[(Ellipsis, *(slice(0, size) for size in spatial_shape))]
+
+
+def build_loss(lossconfig: Mapping[str, Any], n_embed: int, dims: int) -> nn.Module:
+    """The training loss from ``lossconfig``; like the original, ``n_classes``/``dims`` follow the model."""
+    target = lossconfig.get("target") if isinstance(lossconfig, Mapping) else None
+    if target is None:
+        return instantiate_from_config(lossconfig, key_path="model.params.lossconfig")
+    accepted = inspect.signature(get_obj_from_str(target, key_path="model.params.lossconfig.target")).parameters
+    params = dict(lossconfig.get("params") or {})
+    params.update({key: value for key, value in (("n_classes", n_embed), ("dims", dims)) if key in accepted})
+    return instantiate_from_config({"target": target, "params": params}, key_path="model.params.lossconfig")
+
+
+class VQModel(pl.LightningModule):
+    """VQ-GAN autoencoder: ``forward(x)`` returns ``(reconstruction, codebook_loss)`` for images in [0, 1]."""
+
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
+                 ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
+                 image_key: str = "image", monitor: str | None = None, lr_g_factor: float = 1.0,
+                 learning_rate: float = 1e-4, quantize_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+                 pad_value: float = 0.0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.image_key, self.monitor = image_key, monitor
+        self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
+        self.learning_rate, self.lr_g_factor = float(learning_rate), float(lr_g_factor)
+        self.pad_value = float(pad_value)
+        encoder_kwargs, decoder_kwargs = split_ddconfig(dict(ddconfig))
+        self.dims = int(ddconfig.get("dims", 3))
+        self.encoder = Encoder(**encoder_kwargs)
+        self.decoder = Decoder(**decoder_kwargs)
+        self.loss = build_loss(lossconfig, self.n_embed, self.dims)
+        self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, beta=COMMITMENT_BETA,
+                                        chunk_size=quantize_chunk_size)
+        z_channels = int(ddconfig["z_channels"]) * (2 if ddconfig.get("double_z", True) else 1)
+        self.quant_conv = conv_nd(self.dims, z_channels, self.embed_dim, kernel_size=1)
+        self.post_quant_conv = conv_nd(self.dims, self.embed_dim, int(ddconfig["z_channels"]), kernel_size=1)
+        self.downsample_factor = 2 ** len(self.encoder.resampling_levels)
+        self.generator_steps = 0
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+
+    def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Sequence[str] = ()) -> tuple[list, list]:
+        """Load a Lightning checkpoint (its ``state_dict``) or a bare state dict, non-strictly.
+
+        Keys starting with any of ``ignore_keys`` are dropped first. Returns ``(missing, unexpected)`` key lists,
+        which are also logged.
+        """
+        if not os.path.isfile(path):
+            raise MissingWeightsError(f"{path}: VQ checkpoint not found (train one with configs/autoencoder/"
+                                      "lesiondiffusion_vq.yaml or place the released VQ.ckpt there)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch raises several types for corrupt or foreign files
+            raise DataError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from None
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise DataError(f"{path}: expected a checkpoint dict with 'state_dict' or a state dict")
+        state = {key: value for key, value in state.items()
+                 if not any(key.startswith(prefix) for prefix in ignore_keys)}
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            raise DataError(f"{path}: checkpoint does not fit this VQ model ({error})") from None
+        logger.info("Restored VQ from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
+        if missing:
+            logger.warning("%s: missing keys %s", path, missing)
+        if unexpected:
+            logger.info("%s: unexpected keys %s", path, unexpected)
+        return list(missing), list(unexpected)
+
+    def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-quantisation latent ``quant_conv(encoder(x))``, ``(B, embed_dim, *ceil(S / f))`` (``x`` padded)."""
+        return self.quant_conv(self.encoder(pad_to_multiple(x, self.downsample_factor, self.pad_value)))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, QuantizerInfo]:
+        """Quantised latent of ``x``: ``(z_q, codebook_loss, QuantizerInfo(perplexity, indices))``."""
+        return self.quantize(self.encode_to_prequant(x))
+
+    def decode_quantized(self, quant: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Image ``(B, out_ch, *L·f)`` from a quantised latent, cropped to ``output_shape`` when given."""
+        decoded = self.decoder(self.post_quant_conv(quant))
+        return decoded if output_shape is None else crop_to_shape(decoded, output_shape)
+
+    def decode(self, quant: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Image from a quantised latent (see ``decode_quantized``)."""
+        return self.decode_quantized(quant, output_shape)
+
+    def decode_code(self, indices: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Image from code indices ``(B, *L)``."""
+        return self.decode_quantized(self.quantize.get_codebook_entry(indices), output_shape)
+
+    def forward(self, x: torch.Tensor, return_pred_indices: bool = False):
+        """``(reconstruction, codebook_loss)`` (+ code indices), the reconstruction with ``x``'s shape."""
+        quant, codebook_loss, info = self.quantize(self.encode_to_prequant(x))
+        reconstruction = self.decode_quantized(quant, output_shape=x.shape[2:])
+        return (reconstruction, codebook_loss, info.indices) if return_pred_indices else (reconstruction,
+                                                                                            codebook_loss)
+
+    def get_input(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
+        """``batch[key]`` as a float tensor ``(B, C, *S)`` (a channel axis is added to ``(B, *S)``)."""
+        if key not in batch:
+            raise DataError(f"batch has no {key!r} entry (image_key); keys: {sorted(batch)}")
+        x = batch[key]
+        if x.dim() == self.dims + 1:
+            x = x.unsqueeze(1)
+        return x.to(memory_format=torch.contiguous_format).float()
+
+    def get_last_layer(self) -> torch.Tensor:
+        """Weight of the decoder's last conv (where the adaptive GAN weight is measured)."""
+        return self.decoder.conv_out.weight
+
+    def _loss_step(self, x, reconstruction, codebook_loss, indices, optimizer_idx, split):
+        return self.loss(codebook_loss, x, reconstruction, optimizer_idx, self.generator_steps,
+                         last_layer=self.get_last_layer(), split=split, predicted_indices=indices)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """One autoencoder step, then one discriminator step once the discriminator is active."""
+        optimizer_ae, optimizer_disc = self.optimizers()
+        x = self.get_input(batch, self.image_key)
+        reconstruction, codebook_loss, indices = self(x, return_pred_indices=True)
+        ae_loss, log = self._loss_step(x, reconstruction, codebook_loss, indices, 0, "train")
+        optimizer_ae.zero_grad(set_to_none=True)
+        self.manual_backward(ae_loss)
+        optimizer_ae.step()
+        if self.loss.discriminator_active(self.generator_steps):
+            disc_loss, log_disc = self._loss_step(x, reconstruction.detach(), codebook_loss, indices, 1, "train")
+            optimizer_disc.zero_grad(set_to_none=True)
+            self.manual_backward(disc_loss)
+            optimizer_disc.step()
+            log.update(log_disc)
+        self.generator_steps += 1
+        self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=True)
+        self.log("train/rec_loss", log["train/rec_loss"], prog_bar=True, logger=False, on_step=True)
+        return ae_loss.detach()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Reconstruction and discriminator losses on a validation batch; logs ``val/rec_loss`` for checkpointing."""
+        x = self.get_input(batch, self.image_key)
+        reconstruction, codebook_loss, indices = self(x, return_pred_indices=True)
+        _, log = self._loss_step(x, reconstruction, codebook_loss, indices, 0, "val")
+        _, log_disc = self._loss_step(x, reconstruction, codebook_loss, indices, 1, "val")
+        log.update(log_disc)
+        self.log("val/rec_loss", log.pop("val/rec_loss"), prog_bar=True, on_epoch=True, sync_dist=True)
+        self.log_dict(log, on_epoch=True, sync_dist=True)
+        return log
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        """Encoder, decoder, codebook and the two 1×1 convs (what the autoencoder optimiser updates)."""
+        modules = (self.encoder, self.decoder, self.quantize, self.quant_conv, self.post_quant_conv)
+        return [parameter for module in modules for parameter in module.parameters()]
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """``[Adam(autoencoder, lr·lr_g_factor), Adam(discriminators, lr)]``, both with betas (0.5, 0.9)."""
+        if not hasattr(self.loss, "discriminator_parameters"):
+            raise ConfigError("model.params.lossconfig: training a VQModel needs a loss with discriminators "
+                              "(ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator), not "
+                              f"{type(self.loss).__name__}")
+        optimizer_ae = torch.optim.Adam(self.autoencoder_parameters(), lr=self.learning_rate * self.lr_g_factor,
+                                        betas=ADAM_BETAS)
+        optimizer_disc = torch.optim.Adam(list(self.loss.discriminator_parameters()), lr=self.learning_rate,
+                                          betas=ADAM_BETAS)
+        return [optimizer_ae, optimizer_disc]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[STEPS_KEY] = self.generator_steps
+
+    def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        self.generator_steps = int(checkpoint.get(STEPS_KEY, 0))
+
+
+class VQModelInterface(VQModel):
+    """LINet's first stage: ``encode`` gives the pre-quantisation latent, ``decode`` quantises then decodes.
+
+    Use with ``lossconfig: {target: torch.nn.Identity}``; freeze it with ``.freeze()``. For volumes too large
+    for one pass use ``encode_tiled`` / ``decode_tiled``. Measured on the tiny demo architecture with random
+    weights (ch 16, ch_mult [1,1], see tests/test_vq.py), tiled vs whole-volume results differ because every
+    tile computes its own GroupNorm statistics and sees zero padding at its cut faces; the windowed blend
+    keeps the seams smooth. Numbers are in the module's report and asserted in ``tests/test_vq.py``.
+    """
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-quantisation latent ``(B, embed_dim, *ceil(S / f))`` of ``x`` ``(B, C, *S)`` (padded with air)."""
+        return self.encode_to_prequant(x)
+
+    def decode(self, h: torch.Tensor, force_not_quantize: bool = False,
+               output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Image ``(B, out_ch, *L·f)`` from a pre-quantisation latent (quantised unless ``force_not_quantize``),
+        cropped to ``output_shape`` when given."""
+        quant = h if force_not_quantize else self.quantize(h)[0]
+        return self.decode_quantized(quant, output_shape)
+
+    def _to_module(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+    def encode_tiled(self, x: torch.Tensor, tile: int | Sequence[int] = 128,
+                     overlap: int | Sequence[int] = 32) -> torch.Tensor:
+        """``encode`` tile by tile: ``tile``/``overlap`` in image voxels, multiples of the downsampling factor.
+
+        Any volume size works (it is padded with air to a multiple of the factor, as in ``encode``). Tiles run on
+        the module's device; the float32 result stays on ``x``'s device, shape ``(B, embed_dim, *ceil(S / f))``.
+        """
+        padded = pad_to_multiple(x, self.downsample_factor, self.pad_value)
+        return sliding_window(lambda part: self.encode(self._to_module(part)), padded, tile, overlap,
+                              scale=Fraction(1, self.downsample_factor), align=self.downsample_factor)
+
+    def decode_tiled(self, h: torch.Tensor, tile: int | Sequence[int] = 64, overlap: int | Sequence[int] = 16,
+                     force_not_quantize: bool = False, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """``decode`` tile by tile: ``tile``/``overlap`` in latent voxels. Quantisation is per voxel, so tiling
+        it is exact. Returns a float32 image ``(B, out_ch, *L·f)`` on ``h``'s device, cropped to
+        ``output_shape`` when given."""
+        decoded = sliding_window(lambda part: self.decode(self._to_module(part), force_not_quantize), h, tile,
+                                 overlap, scale=self.downsample_factor)
+        return decoded if output_shape is None else crop_to_shape(decoded, output_shape)
