@@ -27,3 +27,28 @@ def upstream_demo() -> Path:
 @pytest.fixture
 def totalseg_example() -> Path:
     return require_shared(TOTALSEG_EXAMPLE)
+
+
+COMPAT = ROOT.parent / "shared" / "compat"
+
+
+def load_manifest(name: str) -> dict:
+    """Key -> shape of a released checkpoint (../shared/compat); skips when the manifests are absent."""
+    import json
+
+    path = require_shared(COMPAT / name)
+    with open(path) as handle:
+        return {key: list(shape) for key, shape in json.load(handle).items()}
+
+
+def tiny_unet_config(in_channels: int, out_channels: int, context_dim: int = 32) -> dict:
+    """A small 3D UNet block (two levels, attention at the lower one) for fast CPU tests."""
+    return {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": dict(image_size=[8, 16, 16], in_channels=in_channels, out_channels=out_channels,
+                       model_channels=16, attention_resolutions=[2], num_res_blocks=1, channel_mult=[1, 2],
+                       num_head_channels=8, use_spatial_transformer=True, context_dim=context_dim, dims=3),
+    }
+
+
+VOCABULARY_ENCODER = {"target": "ldm.modules.encoders.vocabulary.VocabularyEncoder", "params": {"output_dim": 32}}

@@ -24,9 +24,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as error:  # torch.load raises many types for a damaged file
         raise MissingWeightsError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from None
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise MissingWeightsError(f"{path}: not a checkpoint (expected a dict with a 'state_dict' of tensors)")
     return dict(state)
+
+
+def _shape(value) -> tuple | None:
+    """Shape of a tensor entry; ``None`` for the non-tensor extra state a module may store."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def _matches(key: str, prefixes: Iterable[str]) -> bool:
@@ -50,11 +55,7 @@ def load_weights(
     own = module.state_dict()
     missing = [k for k in own if k not in wanted and not _matches(k, ignore)]
     unexpected = [k for k in wanted if k not in own]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in wanted.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
+    mismatched = [f"{k} {_shape(v)} vs {_shape(own[k])}" for k, v in wanted.items() if k in own and _shape(v) != _shape(own[k])]
     if strict and (missing or unexpected or mismatched):
         details = []
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -62,7 +63,7 @@ def load_weights(
                 shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
                 details.append(f"{title}: {shown}")
         raise MissingWeightsError(f"{source}: does not fit the model ({'; '.join(details)})")
-    compatible = {k: v for k, v in wanted.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    compatible = {k: v for k, v in wanted.items() if k in own and _shape(v) == _shape(own[k])}
     module.load_state_dict(compatible, strict=False)
     return missing, unexpected
 

@@ -24,7 +24,8 @@ def attribute_phrases(batch: Sequence[Mapping[str, str] | Sequence[str]]) -> tup
     only to pad a sample are ``''`` and False in the mask. An attribute whose own value is ``''`` stays True.
     """
     if isinstance(batch, (str, Mapping)) or not isinstance(batch, Sequence) or len(batch) == 0:
-        raise DataError(f"attribute batch: expected a non-empty list of dicts or lists of strings, got {type(batch).__name__}")
+        raise DataError("attribute batch: expected a non-empty list of dicts or lists of strings, "
+                        f"got {type(batch).__name__}")
     samples = []
     for index, sample in enumerate(batch):
         if isinstance(sample, Mapping):
