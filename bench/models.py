@@ -1,0 +1,166 @@
+"""Speed and memory of the networks on this machine; prints one JSON object per measurement.
+
+    .venv/bin/python bench/models.py [--only unet|vq|attention] [--threads 1] [--device cpu|cuda]
+
+Each case runs in its own subprocess so that peak memory (max RSS on the CPU, max allocated on CUDA) belongs to
+that case alone. Small inputs on the CPU: release-size sampling needs a GPU (see README).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipeline"))
+
+UNETS = {
+    "lmnet_release": dict(in_channels=4, out_channels=1, model_channels=16, attention_resolutions=[4],
+                          num_res_blocks=1, channel_mult=[1, 2, 4], num_head_channels=32),
+    "linet_release": dict(in_channels=5, out_channels=5, model_channels=128, attention_resolutions=[4],
+                          num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=32),
+    "lmnet_tiny": dict(in_channels=4, out_channels=1, model_channels=16, attention_resolutions=[2],
+                       num_res_blocks=1, channel_mult=[1, 2], num_head_channels=8),
+    "linet_tiny": dict(in_channels=5, out_channels=5, model_channels=32, attention_resolutions=[2],
+                       num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16),
+}
+VQS = {
+    "vq_release": dict(ch=96, ch_mult=[1, 1, 1], num_res_blocks=1, n_embed=2048),
+    "vq_tiny": dict(ch=16, ch_mult=[1, 1], num_res_blocks=1, n_embed=256),
+}
+SMALL, LARGER = [16, 32, 32], [32, 64, 64]
+CASES = (
+    [("unet", name, size) for name in UNETS for size in ([SMALL] if "release" in name else [SMALL, LARGER])]
+    + [("vq", name, size) for name in VQS for size in ([[32, 32, 32]] if "release" in name else [[32, 32, 32], [64, 64, 64]])]
+    + [("attention", kind, tokens) for tokens in (4096, 23104) for kind in ("sdpa", "plain")]
+)
+
+
+def peak_memory_mib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(function, device, repeats: int) -> float:
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_unet(name: str, size: list[int], device, repeats: int) -> dict:
+    import torch
+
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.util import count_params
+
+    spec = UNETS[name]
+    model = UNetModel(image_size=size, dims=3, use_spatial_transformer=True, context_dim=512, **spec).to(device)
+    x = torch.randn(1, spec["in_channels"], *size, device=device)
+    t = torch.tensor([500], device=device)
+    context = torch.randn(1, 9, 512, device=device)
+    with torch.no_grad():
+        forward = timed(lambda: model(x, t, context=context), device, repeats)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(x, t, context=context).square().mean().backward()
+
+    return {"params": count_params(model), "forward_s": round(forward, 4),
+            "forward_backward_s": round(timed(train_step, device, repeats), 4)}
+
+
+def bench_vq(name: str, size: list[int], device, repeats: int) -> dict:
+    import torch
+
+    from ldm.models.autoencoder import VQModelInterface
+    from ldm.util import count_params
+
+    spec = VQS[name]
+    ddconfig = dict(dims=3, double_z=False, z_channels=4, resolution=size, in_channels=1, out_ch=1, ch=spec["ch"],
+                    ch_mult=spec["ch_mult"], num_res_blocks=spec["num_res_blocks"], attn_resolutions=[],
+                    attn_type="none", dropout=0.0, sample_depth=[0])
+    model = VQModelInterface(ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, n_embed=spec["n_embed"],
+                             embed_dim=4).to(device)
+    x = torch.rand(1, 1, *size, device=device)
+    with torch.no_grad():
+        round_trip = timed(lambda: model.decode(model.encode(x)), device, repeats)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model.decode(model.encode(x)).abs().mean().backward()
+
+    return {"params": count_params(model), "encode_decode_s": round(round_trip, 4),
+            "forward_backward_s": round(timed(train_step, device, repeats), 4)}
+
+
+def bench_attention(kind: str, tokens: int, device, repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    heads = 16 if tokens == 4096 else 2  # LINet's 16 x 32 at 16^3 tokens, LMNet's 2 x 32 at 16 x 38 x 38
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, tokens, 32, generator=generator).to(device) for _ in range(3))
+
+    def plain():
+        scores = torch.softmax(q @ k.transpose(-1, -2) * 32**-0.5, dim=-1)
+        return scores @ v
+
+    function = (lambda: F.scaled_dot_product_attention(q, k, v)) if kind == "sdpa" else plain
+    with torch.no_grad():
+        return {"heads": heads, "seconds": round(timed(function, device, repeats), 4)}
+
+
+def run_case(kind: str, name: str, size, device_name: str, threads: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    baseline = peak_memory_mib(device)
+    bench = {"unet": bench_unet, "vq": bench_vq, "attention": bench_attention}[kind]
+    result = bench(name, size, device, repeats)
+    return {"kind": kind, "name": name, "size": size, "device": device_name, "threads": threads, **result,
+            "peak_extra_mib": round(peak_memory_mib(device) - baseline, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["unet", "vq", "attention"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        kind, name, size = json.loads(args.case)
+        print(json.dumps(run_case(kind, name, size, args.device, args.threads, args.repeats)))
+        return
+    for case in CASES:
+        if args.only and case[0] != args.only:
+            continue
+        command = [sys.executable, __file__, "--case", json.dumps(case), "--device", args.device,
+                   "--threads", str(args.threads), "--repeats", str(args.repeats)]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            print(json.dumps({"case": case, "error": finished.stderr.strip().splitlines()[-1:]}))
+        else:
+            print(finished.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
