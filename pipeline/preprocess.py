@@ -1,0 +1,148 @@
+"""Prepare CTs for lesion synthesis: standardise, segment organs, write a structured report, place lesion boxes.
+
+    python pipeline/preprocess.py filelist exp_name attributes [options]
+
+``filelist``: one CT path per line; ``exp_name``: output folder; ``attributes``: one JSON object per line with
+at least ``"organ type"`` and ``"lesion type"``. Writes ``exp_name/{img,seg,type,bbox}_list.txt`` (aligned, in
+input order, successful cases only), a folder per case and ``exp_name/preprocess_report.json``. Exit code 1
+when any case failed (each named in the summary), 0 otherwise. Paths on the command line resolve against the
+current directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ldm.errors import ConfigError, LesionDiffusionError
+from ldm.util import PIPELINE_DIR, resolve_path
+
+DEFAULT_SPACING_MM = 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("filelist", help="text file, one CT (.nii/.nii.gz) per line")
+    parser.add_argument("exp_name", help="output folder (created)")
+    parser.add_argument("attributes", help='text file, one JSON object per CT, e.g. {"organ type": "liver", "lesion type": "cyst"}')
+    seg = parser.add_argument_group("organ segmentation")
+    seg.add_argument("--seg-list", help="use these organ segmentations (one per CT) instead of running TotalSegmentator")
+    seg.add_argument("--seg-version", choices=("v1", "v2"), default="v1",
+                     help="label numbering of --seg-list files: TotalSegmentator 1.x (v1) or 2.x (v2, converted to v1)")
+    seg.add_argument("--seg-fast", action="store_true", help="TotalSegmentator's 3 mm 'fast' model")
+    seg.add_argument("--seg-device", default="auto", help="TotalSegmentator device: auto, cpu, gpu, gpu:N, mps")
+    seg.add_argument("--seg-workers", type=int, default=1, help="TotalSegmentator runs at the same time")
+    report = parser.add_argument_group("structured report")
+    report.add_argument("--reporter", choices=("llm", "offline"),
+                        help="default: llm when the API key variable or --llm-base-url is set, else offline")
+    report.add_argument("--llm-base-url", help="OpenAI-compatible base URL such as http://127.0.0.1:8000/v1; OpenAI's when not given")
+    report.add_argument("--llm-model", default="gpt-4o-mini", help="model name on that endpoint")
+    report.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    report.add_argument("--llm-retries", type=int, default=2, help="extra attempts after an invalid reply")
+    report.add_argument("--llm-temperature", type=float, default=0.7)
+    report.add_argument("--llm-max-tokens", type=int, default=2048)
+    report.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
+    parser.add_argument("--spacing", type=float, nargs="+", default=[DEFAULT_SPACING_MM],
+                        help="target voxel size in mm: one value, or three (x y z of the LPS grid)")
+    parser.add_argument("--boxes-per-case", type=int, default=1,
+                        help="lesion boxes per CT (inference uses at most its max_mask_num, 3 in the release configs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the reports and the box positions")
+    parser.add_argument("--workers", type=int, default=1, help="cases processed in parallel (threads)")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases that are already done")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def make_reporter(args: argparse.Namespace):
+    """The reporter the flags ask for (see ``--reporter``)."""
+    from preprocessing.report_llm import LLMReporter
+    from preprocessing.report_offline import OfflineReporter
+
+    api_key = os.environ.get(args.llm_api_key_env) or None
+    name = args.reporter or ("llm" if api_key or args.llm_base_url else "offline")
+    if name == "offline":
+        return OfflineReporter()
+    if not api_key and not args.llm_base_url:
+        raise ConfigError(f"--reporter llm needs an API key in ${args.llm_api_key_env} or the --llm-base-url of a "
+                          "local server; or use --reporter offline")
+    if args.llm_retries < 0:
+        raise ConfigError("--llm-retries must be 0 or more")
+    return LLMReporter(args.llm_base_url, args.llm_model, api_key, args.llm_retries, args.llm_temperature,
+                       args.llm_max_tokens, args.llm_timeout)
+
+
+def _options(args: argparse.Namespace):
+    from preprocessing.case import PreprocessOptions
+    from preprocessing.standardise import as_spacing_xyz
+
+    for flag, value, minimum in (("--boxes-per-case", args.boxes_per_case, 1), ("--workers", args.workers, 1),
+                                 ("--seg-workers", args.seg_workers, 1)):
+        if value < minimum:
+            raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+    return PreprocessOptions(spacing_xyz=as_spacing_xyz(args.spacing), seg_version=args.seg_version,
+                             seg_fast=args.seg_fast, seg_device=args.seg_device, boxes_per_case=args.boxes_per_case,
+                             seed=args.seed, overwrite=args.overwrite, debug=args.debug)
+
+
+def _print_summary(results, exp_dir: Path, debug: bool) -> None:
+    counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed")}
+    print(f"preprocess: {len(results)} case(s): {counts['done']} done, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed -> {exp_dir} ({counts['done'] + counts['skipped']} row(s) in each list)")
+    for result in results:
+        for warning in result.warnings:
+            print(f"warning: case {result.case_id}: {warning}")
+        if result.status == "failed":
+            if debug and result.traceback:
+                print(result.traceback, file=sys.stderr)
+            print(f"FAILED case {result.case_id} ({result.inputs['ct']}): {result.error}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command for parsed arguments; returns the exit code."""
+    from preprocessing.cases import preprocess
+    from preprocessing.inputs import read_cases
+    from preprocessing.segment import check_weights, disable_telemetry, resolve_device
+
+    options = _options(args)
+    cwd = Path.cwd()
+    exp_dir = Path(resolve_path(args.exp_name, cwd))
+    seg_list = resolve_path(args.seg_list, cwd) if args.seg_list else None
+    cases = read_cases(resolve_path(args.filelist, cwd), resolve_path(args.attributes, cwd), seg_list)
+    reporter = make_reporter(args)
+    if seg_list is None:
+        resolve_device(options.seg_device)
+        check_weights(options.seg_task, options.seg_fast)
+        disable_telemetry()
+    results = preprocess(cases, exp_dir, options, reporter, args.workers, args.seg_workers, not args.no_progress)
+    _print_summary(results, exp_dir, args.debug)
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (our warnings and errors are printed as one line each)."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        library_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if Path(filename).resolve().is_relative_to(PIPELINE_DIR):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                library_show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            return run(args)
+        except LesionDiffusionError as error:
+            if args.debug:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

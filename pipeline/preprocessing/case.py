@@ -1,0 +1,208 @@
+"""One case, start to finish: standardise, segment, report, place boxes; timed, seeded, skipped when done.
+
+Outputs go to ``<exp>/<case_id>/``: ``ct.nii.gz`` (standardised CT), ``totalseg.nii.gz`` (v1 organ labels on the
+CT's grid), ``type.json`` (the report), ``bbox.nii.gz`` (boxes of value 2 on the CT's grid) and
+``preprocess.json`` (the fingerprint of the inputs and options, written last). A rerun skips a case whose
+fingerprint matches and whose outputs all exist. Randomness comes from ``SeedSequence([seed, row])``, so the
+result of a case does not depend on the order in which parallel workers run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ldm.data.volume import read_geometry, read_label, read_volume, write_volume
+from ldm.errors import DataError, LesionDiffusionError
+from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
+from preprocessing.inputs import CaseInput
+from preprocessing.report_format import ReportRequest
+from preprocessing.segment import import_segmentation, run_totalsegmentator
+from preprocessing.standardise import standardise_ct
+from preprocessing.user_attributes import CaseAttributes, interpret_attributes, parse_attribute_line
+
+OUTPUT_FILES = {"img": "ct.nii.gz", "seg": "totalseg.nii.gz", "type": "type.json", "bbox": "bbox.nii.gz"}
+RECORD_FILE = "preprocess.json"
+AORTA_V1_ID = 7
+MIN_AORTA_VOXELS = 20
+ENHANCED_AORTA_HU = 150.0
+# Inference keeps only lesion components larger than this (original LMNet/LINet rule).
+MIN_INFERENCE_VOXELS = 50
+
+
+@dataclass
+class PreprocessOptions:
+    """Settings shared by all cases (CLI flags of ``preprocess.py``)."""
+
+    spacing_xyz: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    seg_version: str = "v1"
+    seg_task: str = "total"
+    seg_fast: bool = False
+    seg_device: str = "auto"
+    boxes_per_case: int = 1
+    seed: int = 0
+    overwrite: bool = False
+    debug: bool = False
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The options that change a case's outputs."""
+        fields = asdict(self)
+        for key in ("overwrite", "debug", "seg_device"):
+            fields.pop(key)
+        return fields
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case; ``status`` is ``done``, ``skipped`` or ``failed``; ``seconds`` per step."""
+
+    index: int
+    case_id: str
+    inputs: dict[str, str | None]
+    status: str = "failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    traceback: str | None = None
+
+
+@contextlib.contextmanager
+def _step(result: CaseResult, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    result.seconds[name] = round(time.perf_counter() - start, 3)
+    result.steps.append(name)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def case_fingerprint(case: CaseInput, options: PreprocessOptions, reporter_settings: dict[str, Any]) -> str:
+    """Hash of everything a case's outputs depend on: input bytes, attribute line, options, reporter, row."""
+    content = {
+        "ct": file_sha256(case.ct_path),
+        "segmentation": file_sha256(case.seg_path) if case.seg_path else None,
+        "attributes": json.loads(case.attributes_line),
+        "options": options.fingerprint_fields(),
+        "reporter": reporter_settings,
+        "row": case.index,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: Path, value: Any) -> Path:
+    """Write JSON atomically (temporary sibling, then rename); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def _finished(case_dir: Path, fingerprint: str) -> bool:
+    record = case_dir / RECORD_FILE
+    if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
+        return False
+    try:
+        return json.loads(record.read_text()).get("fingerprint") == fingerprint
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return False
+
+
+def _contrast_enhanced(ct: np.ndarray, segmentation: np.ndarray) -> bool | None:
+    aorta = segmentation == AORTA_V1_ID
+    if np.count_nonzero(aorta) < MIN_AORTA_VOXELS:
+        return None
+    return bool(float(ct[aorta].mean()) > ENHANCED_AORTA_HU)
+
+
+def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segmentation: np.ndarray,
+             options: PreprocessOptions) -> ReportRequest:
+    def size_problem(size_xyz: tuple[int, int, int], cavity: str) -> str | None:
+        return box_problem(organ, tuple(size_xyz)[::-1], options.boxes_per_case, cavity, attributes.hollow,
+                           attributes.organ_name)
+
+    return ReportRequest(
+        organ_id=attributes.organ_id, organ_name=attributes.organ_name, hollow=attributes.hollow,
+        lesion_type=attributes.lesion_type, organ_extent_xyz=organ_extent(organ)[::-1],
+        spacing_xyz_mm=tuple(options.spacing_xyz), fixed=dict(attributes.fixed),
+        organ_mean_hu=float(ct[organ].mean()), contrast_enhanced=_contrast_enhanced(ct, segmentation),
+        size_problem=size_problem,
+    )
+
+
+def _run_steps(case: CaseInput, attributes: CaseAttributes, options: PreprocessOptions, reporter: Any,
+               segmentation_slots: contextlib.AbstractContextManager, outputs: dict[str, Path],
+               result: CaseResult) -> None:
+    with _step(result, "standardise"):
+        standardise_ct(case.ct_path, outputs["img"], options.spacing_xyz)
+    with _step(result, "segment"):
+        if case.seg_path:
+            import_segmentation(case.seg_path, options.seg_version, outputs["img"], outputs["seg"])
+        else:
+            with segmentation_slots:
+                run_totalsegmentator(outputs["img"], outputs["seg"], options.seg_task, options.seg_fast, options.seg_device)
+    report_rng, box_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([options.seed, case.index]).spawn(2))
+    with _step(result, "report"):
+        ct, geometry = read_volume(outputs["img"])
+        segmentation, _ = read_label(outputs["seg"])
+        organ = segmentation == attributes.organ_id
+        if not organ.any():
+            source = case.seg_path or "the TotalSegmentator output"
+            raise DataError(f"organ {attributes.organ_name!r} (v1 id {attributes.organ_id}) is absent from the segmentation {source}")
+        report = reporter.generate(_request(attributes, ct, organ, segmentation, options), report_rng)
+        write_json(outputs["type"], report)
+    with _step(result, "boxes"):
+        entry = report[str(attributes.organ_id)]
+        size_zyx = tuple(entry[3][1][0])[::-1]
+        boxes = place_boxes(organ, size_zyx, options.boxes_per_case, entry[2]["cavity"], attributes.hollow, box_rng,
+                            attributes.organ_name)
+        write_volume(outputs["bbox"], boxes_mask(organ.shape, boxes), geometry, dtype=np.uint8)
+    if int(np.prod(size_zyx)) <= MIN_INFERENCE_VOXELS:
+        result.warnings.append(f"lesion box of {int(np.prod(size_zyx))} voxels: inference keeps boxes larger than "
+                               f"{MIN_INFERENCE_VOXELS} voxels only when there are some")
+
+
+def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, reporter: Any,
+                 segmentation_slots: contextlib.AbstractContextManager) -> CaseResult:
+    """Run (or skip) one case; never raises for a bad case: the error is in the result."""
+    case_dir = exp_dir / case.case_id
+    outputs = {name: case_dir / file_name for name, file_name in OUTPUT_FILES.items()}
+    result = CaseResult(case.index, case.case_id,
+                        {"ct": case.ct_path, "segmentation": case.seg_path, "attributes": case.where})
+    try:
+        with _step(result, "inputs"):
+            attributes = interpret_attributes(parse_attribute_line(case.attributes_line, case.where), case.where)
+            read_geometry(case.ct_path)
+            if case.seg_path:
+                read_geometry(case.seg_path)
+            fingerprint = case_fingerprint(case, options, reporter.settings)
+        result.outputs = {name: str(path) for name, path in outputs.items()}
+        if not options.overwrite and _finished(case_dir, fingerprint):
+            result.status = "skipped"
+            return result
+        (case_dir / RECORD_FILE).unlink(missing_ok=True)
+        _run_steps(case, attributes, options, reporter, segmentation_slots, outputs, result)
+        write_json(case_dir / RECORD_FILE, {"fingerprint": fingerprint, "outputs": OUTPUT_FILES,
+                                            "seconds": result.seconds, "warnings": result.warnings})
+        result.status = "done"
+    except LesionDiffusionError as error:
+        result.error = str(error)
+        result.traceback = traceback.format_exc() if options.debug else None
+    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
+        result.error = f"{type(error).__name__}: {error}"
+        result.traceback = traceback.format_exc()
+    return result
