@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from ldm.data.synthetic_geometry import (  # noqa: E402
     Grid, distance_inside, geometry_for, random_blob, smooth_field, within_distance,
 )
 from ldm.data.volume import Geometry, write_volume  # noqa: E402
+from ldm.fileio import write_text_atomic  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -299,16 +299,6 @@ def render_case(seed: int, index: int, geometry: Geometry) -> dict:
             "entry": entry}
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename, so readers never see a partial file."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _parameters(n, seed, shape, spacing, orientation) -> dict:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"n must be a positive integer, got {n!r}")
@@ -394,7 +384,7 @@ def make_phantoms(out_dir, n: int = 8, seed: int = 0, shape=(48, 96, 96), spacin
         folder = out / names[index]
         for name, dtype in (("image", np.int16), ("healthy", np.int16), ("label", np.uint8), ("seg", np.uint8)):
             write_volume(folder / f"{name}.nii.gz", case[name], geometry, dtype=dtype)
-        _write_text(folder / "type.json", json.dumps(case["report"]) + "\n")
+        write_text_atomic(folder / "type.json", json.dumps(case["report"]) + "\n")
         entries.append({"case": names[index], **case["entry"]})
     val_count = max(1, round(parameters["n"] / 4))
     splits = {"train": names[: len(names) - val_count], "val": names[len(names) - val_count:]}
@@ -402,11 +392,11 @@ def make_phantoms(out_dir, n: int = 8, seed: int = 0, shape=(48, 96, 96), spacin
         entry["split"] = "val" if entry["case"] in splits["val"] else "train"
     for split, cases in splits.items():
         for name, file_name in LIST_FILES.items():
-            _write_text(lists[f"{split}_{name}_list"], "".join(f"{case}/{file_name}\n" for case in cases))
-    _write_text(lists["healthy_list"], "".join(f"{case}/healthy.nii.gz\n" for case in splits["val"]))
+            write_text_atomic(lists[f"{split}_{name}_list"], "".join(f"{case}/{file_name}\n" for case in cases))
+    write_text_atomic(lists["healthy_list"], "".join(f"{case}/healthy.nii.gz\n" for case in splits["val"]))
     manifest = {"generator": "demo/make_phantoms.py", "parameters": parameters, "train_cases": splits["train"],
                 "val_cases": splits["val"], "cases": entries}
-    _write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return {**result, "manifest": json.loads(json.dumps(manifest)), "generated": True}
 
 

@@ -1,7 +1,5 @@
 """DDPM base and LMNet (MaskDiffusion): schedule, EMA, checkpoints, conditioning, overfitting, release names."""
-import copy
 
-import numpy as np
 import pytest
 import torch
 from conftest import VOCABULARY_ENCODER, load_manifest, tiny_unet_config

@@ -22,6 +22,7 @@ import numpy as np
 
 from ldm.data.volume import read_geometry, read_label, read_volume, write_volume
 from ldm.errors import DataError, LesionDiffusionError
+from ldm.fileio import write_json_atomic
 from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
 from preprocessing.inputs import CaseInput
 from preprocessing.report_format import ReportRequest
@@ -103,15 +104,6 @@ def case_fingerprint(case: CaseInput, options: PreprocessOptions, reporter_setti
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_json(path: Path, value: Any) -> Path:
-    """Write JSON atomically (temporary sibling, then rename); returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
-
-
 def _finished(case_dir: Path, fingerprint: str) -> bool:
     record = case_dir / RECORD_FILE
     if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
@@ -164,7 +156,7 @@ def _run_steps(case: CaseInput, attributes: CaseAttributes, options: PreprocessO
             source = case.seg_path or "the TotalSegmentator output"
             raise DataError(f"organ {attributes.organ_name!r} (v1 id {attributes.organ_id}) is absent from the segmentation {source}")
         report = reporter.generate(_request(attributes, ct, organ, segmentation, options), report_rng)
-        write_json(outputs["type"], report)
+        write_json_atomic(outputs["type"], report)
     with _step(result, "boxes"):
         entry = report[str(attributes.organ_id)]
         size_zyx = tuple(entry[3][1][0])[::-1]
@@ -196,7 +188,7 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
             return result
         (case_dir / RECORD_FILE).unlink(missing_ok=True)
         _run_steps(case, attributes, options, reporter, segmentation_slots, outputs, result)
-        write_json(case_dir / RECORD_FILE, {"fingerprint": fingerprint, "outputs": OUTPUT_FILES,
+        write_json_atomic(case_dir / RECORD_FILE, {"fingerprint": fingerprint, "outputs": OUTPUT_FILES,
                                             "seconds": result.seconds, "warnings": result.warnings})
         result.status = "done"
     except LesionDiffusionError as error:

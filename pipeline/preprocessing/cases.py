@@ -10,7 +10,6 @@ against their list's directory), so the folder can be moved as a whole.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -20,7 +19,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from preprocessing.case import OUTPUT_FILES, CaseResult, PreprocessOptions, process_case, write_json
+from ldm.fileio import write_json_atomic, write_text_atomic
+
+from preprocessing.case import OUTPUT_FILES, CaseResult, PreprocessOptions, process_case
 from preprocessing.inputs import CaseInput
 
 REPORT_FILE = "preprocess_report.json"
@@ -44,18 +45,12 @@ def run_cases(cases: list[CaseInput], exp_dir: Path, options: PreprocessOptions,
     return sorted(results, key=lambda result: result.index)
 
 
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_lists(exp_dir: Path, results: list[CaseResult]) -> dict[str, Path]:
     """Write the four aligned lists (successful cases, input order); returns ``{name: list path}``."""
     written = {}
     for name, list_name in LIST_FILES.items():
         rows = [f"{result.case_id}/{OUTPUT_FILES[name]}" for result in results if result.status in SUCCEEDED]
-        _write_text(exp_dir / list_name, "".join(f"{row}\n" for row in rows))
+        write_text_atomic(exp_dir / list_name, "".join(f"{row}\n" for row in rows))
         written[name] = exp_dir / list_name
     return written
 
@@ -70,7 +65,7 @@ def write_run_report(exp_dir: Path, results: list[CaseResult], options: Preproce
         "lists": {name: list_name for name, list_name in LIST_FILES.items()},
         "cases": [asdict(result) for result in results],
     }
-    return write_json(exp_dir / REPORT_FILE, report)
+    return write_json_atomic(exp_dir / REPORT_FILE, report)
 
 
 def preprocess(cases: list[CaseInput], exp_dir: Path, options: PreprocessOptions, reporter: Any, workers: int = 1,

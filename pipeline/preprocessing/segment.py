@@ -18,6 +18,7 @@ import numpy as np
 from ldm.data.organs import NUM_V1_CLASSES, to_v1
 from ldm.data.volume import read_geometry
 from ldm.errors import ConfigError, DataError, MissingWeightsError
+from ldm.fileio import write_json_atomic
 from preprocessing.standardise import labels_on_grid, write_file_grid
 
 SEGMENTATION_VERSIONS = ("v1", "v2")
@@ -54,10 +55,7 @@ def disable_telemetry() -> Path:
     config.setdefault("prediction_counter", 0)
     config["send_usage_stats"] = False
     config["statistics_disclaimer_shown"] = True
-    temporary = path.with_name(f".config.json.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(config, indent=4))
-    os.replace(temporary, path)
-    return path
+    return write_json_atomic(path, config, indent=4)
 
 
 def _download_hint(task: str, fast: bool) -> str:

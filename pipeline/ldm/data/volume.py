@@ -20,6 +20,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from ldm.errors import DataError
+from ldm.fileio import atomic_path
 
 CANONICAL_AXCODES = ("L", "A", "S")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -140,13 +141,6 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     return read_volume(path, dtype=np.int16)
 
 
-def atomic_target(path: Path) -> Path:
-    """A temporary sibling of ``path`` with the same suffix (so nibabel picks the same compression)."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return path.with_name(f".{stem}.tmp{os.getpid()}{suffix}")
-
-
 def write_volume(
     path: str | os.PathLike, array_zyx: np.ndarray, geometry: Geometry, dtype: np.dtype | type | None = None
 ) -> Path:
@@ -169,11 +163,6 @@ def write_volume(
     image.set_qform(geometry.affine, code=int(header["qform_code"]) or 1)
     image.set_sform(geometry.affine, code=int(header["sform_code"]) or 1)
     image.header.set_slope_inter(1.0, 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = atomic_target(path)
-    try:
+    with atomic_path(path) as temporary:
         nib.save(image, str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
