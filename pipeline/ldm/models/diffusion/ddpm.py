@@ -247,7 +247,8 @@ class DDPM(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, logs = self.shared_step(batch)
         batch_size = len(batch[self.cond_stage_key]) if self.cond_stage_key in batch else None
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, on_step=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, prog_bar=False, on_step=True,
+                      batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
         return loss
 

@@ -93,3 +93,19 @@ class InpaintingDiffusion(DDPM):
         denoise = self.guided(lambda x, t, c: self.predict(x, mask, t, c)[:, :channels], context, guidance_scale)
         return self.run_sampler(denoise, latent.shape, steps=steps, eta=eta, sampler=sampler, generator=generator,
                                 known=latent, mask=mask, blend=blend, use_ema=use_ema, progress=progress)
+
+    @torch.no_grad()
+    def preview(self, batch: dict, steps: int = 10,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Named ``[B, 1, D, H, W]`` CPU volumes in [0, 1] for a preview montage: ``input`` (the image),
+        ``condition`` (the image with the lesion blanked: what the model keeps), ``sample`` (the lesion inpainted
+        with ``steps`` DDIM steps and decoded) and ``mask`` (the lesion)."""
+        inputs = self.get_input(batch)
+        image = batch[self.first_stage_key].float().to(self.device)
+        image = image if image.ndim == 5 else image.unsqueeze(1)
+        label = batch[self.label_key].to(self.device)
+        lesion = ((label if label.ndim == 5 else label.unsqueeze(1)) == self.lesion_value).float()
+        latent = self.sample(inputs["x_start"], inputs["mask"], inputs["context"], steps=steps, generator=generator)
+        decoded = self.decode(latent)[(Ellipsis, *(slice(0, size) for size in image.shape[2:]))]
+        volumes = {"input": image, "condition": image * (1 - lesion), "sample": decoded.clamp(0, 1), "mask": lesion}
+        return {name: volume.float().cpu() for name, volume in volumes.items()}

@@ -65,3 +65,15 @@ class MaskDiffusion(DDPM):
         shape = (cond.shape[0], self.channels, *cond.shape[2:])
         return self.run_sampler(denoise, shape, steps=steps, eta=eta, sampler=sampler, generator=generator,
                                 use_ema=use_ema, progress=progress)
+
+    @torch.no_grad()
+    def preview(self, batch: dict, steps: int = 10,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Named ``[B, 1, D, H, W]`` CPU volumes for a preview montage: ``input`` (the true lesion mask),
+        ``condition`` (the organ mask), ``sample`` (a mask sampled with ``steps`` DDIM steps, values about [0, 1])
+        and ``mask`` (the lesion box the sample is conditioned on)."""
+        inputs = self.get_input(batch)
+        sample = self.sample(inputs["cond"], inputs["context"], steps=steps, generator=generator)
+        volumes = {"input": inputs["x_start"], "condition": inputs["cond"][:, 1:2], "sample": sample,
+                   "mask": inputs["bbox"]}
+        return {name: volume.float().cpu() for name, volume in volumes.items()}

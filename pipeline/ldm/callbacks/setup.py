@@ -1,0 +1,51 @@
+"""The run directory: created, and the merged configs written, by global rank 0 only.
+
+Layout: ``<run>/checkpoints/``, ``<run>/configs/<time>-project.yaml`` (model and data),
+``<run>/configs/<time>-lightning.yaml`` (the ``lightning`` block), ``<run>/images/``. Other ranks neither
+create nor delete anything (the original's non-zero ranks moved the shared directory away, racing rank 0).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_info
+
+RUN_SUBDIRS = ("checkpoints", "configs", "images")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``; returns ``path``."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+class SetupCallback(pl.Callback):
+    """Creates the run directory and saves the configs of this (possibly resumed) run, on rank 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, config: DictConfig, resumed: bool = False):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.resumed = resumed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for name in RUN_SUBDIRS:
+            (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        project = OmegaConf.masked_copy(self.config, [key for key in self.config if key != "lightning"])
+        lightning = OmegaConf.create({"lightning": self.config.get("lightning", {})})
+        configs = self.run_dir / "configs"
+        write_text_atomic(configs / f"{stamp}-project.yaml", OmegaConf.to_yaml(project))
+        write_text_atomic(configs / f"{stamp}-lightning.yaml", OmegaConf.to_yaml(lightning))
+        rank_zero_info(f"{'Resuming' if self.resumed else 'Starting'} run in {self.run_dir} "
+                       f"(configs saved as configs/{stamp}-*.yaml)")

@@ -1,0 +1,351 @@
+"""Train a LesionDiffusion stage (VQ-GAN, LMNet or LINet) from YAML configs with Lightning 2.
+
+    python main.py --base configs/demo/lmnet.yaml -t --name demo_lmnet             # CPU, or one GPU if present
+    python main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet --gpus 0,1
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet
+    python main.py --resume logs/lmnet                                                # continue where it stopped
+
+A run writes ``<logdir>/<name>/``: ``checkpoints/{epoch=NNNNNN,last}.ckpt``, ``configs/<time>-project.yaml``
+and ``-lightning.yaml``, ``images/train/*.png`` and ``tensorboard/``. Several ``--base`` configs merge left to
+right, then ``key.sub=value`` overrides apply. Config paths resolve against ``pipeline/``, command-line paths
+against the current directory. Under torchrun the device and node counts come from torchrun.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import netrc
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytorch_lightning as pl  # noqa: E402
+from lightning_fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
+from pytorch_lightning.utilities import rank_zero_info  # noqa: E402
+
+from ldm.callbacks import CheckpointOnException, CheckpointOnSignal, SetupCallback  # noqa: E402
+from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
+from ldm.util import instantiate_from_config, load_config, seed_everything  # noqa: E402
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+TORCHRUN_VARIABLES = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+TRAINER_FLAGS = ("accelerator", "num_nodes", "precision", "max_steps", "max_epochs", "strategy")
+DEFAULT_CALLBACKS = {
+    "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {"batch_frequency": 1000, "sample_steps": 10}},
+    "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                             "params": {"logging_interval": "step"}},
+    "resources": {"target": "ldm.callbacks.ResourceMonitor"},
+}
+VQ_TRAINING_HINT = ("train one first: python main.py --base configs/autoencoder/lesiondiffusion_vq.yaml -t --name vq "
+                    "(tiny CPU demo: --base configs/demo/vq.yaml), then set first_stage_config.params.ckpt_path to "
+                    "<logdir>/vq/checkpoints/last.ckpt or copy that file to the configured path")
+
+
+def str2bool(value: str | bool) -> bool:
+    """``yes/true/t/y/1`` -> True, ``no/false/f/n/0`` -> False (argparse type)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a LesionDiffusion stage. Extra key.sub=value arguments override the configs.",
+        epilog="example: python main.py --base configs/demo/lmnet.yaml -t --name demo model.params.fg_loss_weight=3")
+    parser.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml",
+                        help="configs merged left to right (paths relative to the current directory)")
+    parser.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=True,
+                        help="train (the default; '-t false' only validates)")
+    parser.add_argument("-n", "--name", default="", help="run name: the folder under --logdir (default: config name)")
+    parser.add_argument("-f", "--postfix", default="", help="appended to the run name")
+    parser.add_argument("-r", "--resume", default="", help="continue a run: its folder or one of its checkpoints")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything (default 23)")
+    parser.add_argument("-l", "--logdir", default="logs", help="folder holding the runs (default ./logs)")
+    parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                        help="lr = accumulate x devices x nodes x batch size x base_learning_rate (default true)")
+    parser.add_argument("--gpus", default=None, help="GPU ids, comma separated: '0,1' trains on GPUs 0 and 1")
+    parser.add_argument("--devices", default=None, help="devices per node: a count, 'auto' or ids (Lightning)")
+    parser.add_argument("--num_nodes", type=int, default=None, help="nodes (default: from torchrun, else 1)")
+    parser.add_argument("--accelerator", default=None, help="cpu, gpu, mps or auto (default auto)")
+    parser.add_argument("--strategy", default=None, help="Lightning strategy (default: ddp on several devices)")
+    parser.add_argument("--precision", default=None, help="32-true (default), bf16-mixed, 16-mixed, ...")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps")
+    parser.add_argument("--max_epochs", type=int, default=None, help="stop after this many epochs")
+    parser.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
+                        help="experiment logger (default tensorboard; wandb runs offline without credentials)")
+    parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks of configuration errors")
+    return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(arguments for argparse, key.sub=value overrides)``: overrides may stand anywhere on the command line."""
+    overrides = [item for item in argv if OVERRIDE.match(item)]
+    return [item for item in argv if not OVERRIDE.match(item)], overrides
+
+
+def parse_gpus(text: str) -> list[int]:
+    """GPU ids from ``--gpus``: ``'0,1'`` -> ``[0, 1]``, ``'10,11'`` -> ``[10, 11]``, ``'3'`` -> ``[3]``."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--gpus {text!r}: expected GPU ids separated by commas, such as 0,1")
+    ids = [int(part) for part in parts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpus {text!r}: a GPU id is listed twice")
+    return ids
+
+
+def parse_devices(text: str) -> int | str:
+    """``--devices`` as Lightning takes it: an int for a count (``-1`` = all), else the string (``auto``, ``0,1``)."""
+    text = str(text).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+@dataclass
+class RunPaths:
+    """Where a run lives and what it starts from."""
+
+    run_dir: Path
+    resume_checkpoint: Path | None
+    configs: list[Path]
+
+
+def resolve_run(opt: argparse.Namespace) -> RunPaths:
+    """The run folder, the checkpoint to resume from (or None) and the configs to merge (a resumed run's saved
+    configs first). Refuses to train a new run into a folder that already holds checkpoints."""
+    if opt.resume:
+        if opt.name:
+            raise ConfigError("-n/--name and -r/--resume cannot be combined: a resumed run keeps its folder")
+        target = Path(opt.resume).expanduser().resolve()
+        if target.is_file():
+            if target.parent.name != "checkpoints":
+                raise ConfigError(f"--resume {opt.resume}: a checkpoint must sit in <run>/checkpoints/")
+            run_dir, checkpoint = target.parent.parent, target
+        elif target.is_dir():
+            run_dir, checkpoint = target, target / "checkpoints" / "last.ckpt"
+            if not checkpoint.is_file():
+                raise ConfigError(f"--resume {opt.resume}: {checkpoint} not found; pass a checkpoint file instead")
+        else:
+            raise ConfigError(f"--resume {opt.resume}: no such run folder or checkpoint")
+        saved = sorted((run_dir / "configs").glob("*.yaml"))
+        return RunPaths(run_dir, checkpoint, saved + [Path(path) for path in opt.base])
+    if not opt.base:
+        raise ConfigError("no config given: pass --base <config.yaml> (or --resume <run folder>)")
+    name = (opt.name or Path(opt.base[0]).stem) + opt.postfix
+    if not name or os.sep in name or name in (".", ".."):
+        raise ConfigError(f"--name {name!r}: a run name must be a plain folder name")
+    run_dir = Path(opt.logdir).expanduser().resolve() / name
+    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if existing:
+        raise ConfigError(f"{run_dir} already holds a run ({existing[-1].name}): continue it with --resume {run_dir} "
+                          "or choose another --name")
+    return RunPaths(run_dir, None, [Path(path) for path in opt.base])
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (torch elastic sets these variables)."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def trainer_settings(opt: argparse.Namespace, trainer_config: dict, manual_optimization: bool) -> dict:
+    """Trainer keyword arguments: ``lightning.trainer`` of the config, then the command-line flags.
+
+    Without torchrun one device is used unless asked otherwise; under torchrun devices per node and the node
+    count follow torchrun. Several devices mean DDP (with unused-parameter search for models that optimise
+    disjoint parameter sets in turn, such as the VQ-GAN).
+    """
+    settings = dict(trainer_config)
+    settings.update({key: getattr(opt, key) for key in TRAINER_FLAGS if getattr(opt, key) is not None})
+    if opt.gpus is not None and opt.devices is not None:
+        raise ConfigError("--gpus and --devices both given: use one of them")
+    if opt.gpus is not None:
+        settings.update(accelerator="gpu", devices=parse_gpus(opt.gpus))
+    elif opt.devices is not None:
+        settings["devices"] = parse_devices(opt.devices)
+    if under_torchrun():
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        settings.setdefault("devices", local)
+        settings.setdefault("num_nodes", world // local)
+        devices = settings["devices"]
+        count = len(devices) if isinstance(devices, (list, tuple)) else devices
+        if isinstance(count, int) and count != local:
+            raise ConfigError(f"{count} devices per node requested but torchrun started {local} processes per node "
+                              "(--nproc_per_node); they must match")
+    settings.setdefault("devices", 1)
+    devices = settings["devices"]
+    several = not (devices == 1 or (isinstance(devices, (list, tuple)) and len(devices) == 1)) \
+        or int(settings.get("num_nodes", 1)) > 1
+    if several and manual_optimization and "strategy" not in settings:
+        settings["strategy"] = "ddp_find_unused_parameters_true"
+    return settings
+
+
+def check_first_stage(model_config: DictConfig) -> None:
+    """Refuse a latent model (LINet) whose VQ checkpoint is missing or unreadable, saying how to train one."""
+    params = model_config.get("params") or {}
+    first_stage = params.get("first_stage_config")
+    if not isinstance(first_stage, DictConfig):
+        return
+    checkpoint = (first_stage.get("params") or {}).get("ckpt_path")
+    if checkpoint:
+        if os.path.isfile(checkpoint) and os.access(checkpoint, os.R_OK):
+            return
+        problem = f"VQ checkpoint {checkpoint} not found or not readable"
+    elif params.get("ckpt_path"):
+        return  # a LINet checkpoint carries the VQ weights
+    else:
+        problem = "no VQ checkpoint configured"
+    raise MissingWeightsError(f"model.params.first_stage_config.params.ckpt_path: {problem}; {VQ_TRAINING_HINT}")
+
+
+def weights_from_resume(model_config: DictConfig) -> DictConfig:
+    """A copy of the model block without initial checkpoints: a resumed run takes every weight from its own."""
+    model_config = copy.deepcopy(model_config)
+    params = model_config.get("params")
+    if isinstance(params, DictConfig):
+        if "ckpt_path" in params:
+            params.ckpt_path = None
+        first_stage = params.get("first_stage_config")
+        if isinstance(first_stage, DictConfig) and isinstance(first_stage.get("params"), DictConfig):
+            first_stage.params.ckpt_path = None
+    return model_config
+
+
+def wandb_credentials() -> bool:
+    """True when a wandb API key is configured (``WANDB_API_KEY`` or a ``wandb login`` entry in ``~/.netrc``)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def build_logger(kind: str, run_dir: Path):
+    """The experiment logger, or False for none. wandb never prompts: without credentials it logs offline."""
+    if kind == "none":
+        return False
+    if kind == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--logger wandb needs the wandb package (pip install wandb)")
+        from pytorch_lightning.loggers import WandbLogger
+        return WandbLogger(name=run_dir.name, id=run_dir.name, save_dir=str(run_dir), offline=not wandb_credentials())
+    from pytorch_lightning.loggers import TensorBoardLogger
+    return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+
+
+def build_callbacks(config: DictConfig, paths: RunPaths, monitor: str | None, with_logger: bool) -> list:
+    """Run set-up, checkpointing (``model.monitor``, top 3, ``last.ckpt``; ``lightning.modelcheckpoint.params``
+    overrides), emergency saves, and ``lightning.callbacks`` merged over the defaults (``null`` removes one)."""
+    lightning = config.get("lightning") or {}
+    last = paths.run_dir / "checkpoints" / "last.ckpt"
+    checkpoint_params = {"dirpath": str(paths.run_dir / "checkpoints"), "filename": "{epoch:06}", "save_last": True}
+    if monitor:
+        checkpoint_params.update(monitor=monitor, save_top_k=3)
+    overrides = (lightning.get("modelcheckpoint") or {}).get("params") or {}
+    checkpoint_params.update(OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else overrides)
+    callbacks = [SetupCallback(paths.run_dir, config, resumed=paths.resume_checkpoint is not None),
+                 ModelCheckpoint(**checkpoint_params), CheckpointOnSignal(last), CheckpointOnException(last)]
+    blocks = OmegaConf.merge(DEFAULT_CALLBACKS, lightning.get("callbacks") or {})
+    for name, block in blocks.items():
+        if block is None or (name == "learning_rate_logger" and not with_logger):
+            continue
+        callbacks.append(instantiate_from_config(block, key_path=f"lightning.callbacks.{name}"))
+    return callbacks
+
+
+def scale_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl.Trainer, enabled: bool) -> None:
+    """Set ``model.learning_rate`` from ``model.base_learning_rate`` (scaled by the effective batch when
+    ``enabled``) and print how it was computed."""
+    base = config.model.get("base_learning_rate")
+    if base is None:
+        rank_zero_info(f"model.base_learning_rate not set: keeping the model's learning rate {model.learning_rate:.2e}")
+        return
+    base = float(base)
+    if not enabled:
+        model.learning_rate = base
+        rank_zero_info(f"Learning rate {base:.2e} (base_learning_rate; --scale_lr false)")
+        return
+    batch_size = int((config.get("data") or {}).get("params", {}).get("batch_size", 1))
+    accumulate, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
+    model.learning_rate = accumulate * devices * nodes * batch_size * base
+    rank_zero_info(f"Learning rate {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) x {devices} "
+                   f"(devices) x {nodes} (nodes) x {batch_size} (batch size) x {base:.2e} (base_learning_rate)")
+
+
+@dataclass
+class Run:
+    """Everything ``fit`` needs, built by :func:`prepare`."""
+
+    config: DictConfig
+    paths: RunPaths
+    model: pl.LightningModule
+    data: pl.LightningDataModule
+    trainer: pl.Trainer
+    train: bool
+
+    def execute(self) -> None:
+        """Train (or, with ``-t false``, validate), resuming from the run's checkpoint when there is one."""
+        checkpoint = str(self.paths.resume_checkpoint) if self.paths.resume_checkpoint else None
+        if self.train:
+            self.trainer.fit(self.model, datamodule=self.data, ckpt_path=checkpoint)
+        else:
+            self.trainer.validate(self.model, datamodule=self.data, ckpt_path=checkpoint)
+
+
+def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
+    """Configs, model, data and Trainer for the parsed command line (nothing is written yet)."""
+    paths = resolve_run(opt)
+    config = load_config(paths.configs, overrides)
+    for key in ("model", "data"):
+        if not isinstance(config.get(key), DictConfig):
+            raise ConfigError(f"{paths.configs[-1]}: the merged config has no '{key}' block")
+    lightning = config.setdefault("lightning", OmegaConf.create())
+    trainer_config = OmegaConf.to_container(lightning.get("trainer") or OmegaConf.create(), resolve=True)
+    seed_everything(opt.seed)
+    if paths.resume_checkpoint is None:
+        check_first_stage(config.model)
+    model_config = weights_from_resume(config.model) if paths.resume_checkpoint else config.model
+    model = instantiate_from_config(model_config, key_path="model")
+    data = instantiate_from_config(config.data, key_path="data")
+    logger = build_logger(opt.logger, paths.run_dir)
+    settings = trainer_settings(opt, trainer_config, manual_optimization=not model.automatic_optimization)
+    callbacks = build_callbacks(config, paths, getattr(model, "monitor", None), with_logger=logger is not False)
+    try:
+        trainer = pl.Trainer(default_root_dir=str(paths.run_dir), logger=logger, callbacks=callbacks, **settings)
+    except (MisconfigurationException, ValueError, TypeError) as error:
+        raise ConfigError(f"lightning.trainer / trainer flags {settings}: {error}") from None
+    scale_learning_rate(model, config, trainer, opt.scale_lr)
+    return Run(config, paths, model, data, trainer, opt.train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (1 with a one-line message for a LesionDiffusionError)."""
+    parser = build_parser()
+    arguments, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    opt = parser.parse_args(arguments)
+    try:
+        prepare(opt, overrides).execute()
+    except LesionDiffusionError as error:
+        if opt.debug:
+            raise
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}main.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
