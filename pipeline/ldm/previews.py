@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from ldm.data.synthetic_geometry import geometry_for
 from ldm.data.volume import write_volume
+from ldm.fileio import atomic_path
 
 VIEWS = ("axial", "coronal", "sagittal")
 PANEL_INCHES = 2.2
@@ -101,13 +102,8 @@ def render_montage(volumes: Mapping[str, object], path: str | os.PathLike, mask=
 
 
 def _save_figure(figure: Figure, path: Path, dpi: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
+from ldm.fileio import atomic_path
+
 
 def save_checkpoint_now(trainer: pl.Trainer, path: str | os.PathLike) -> Path | None:
     """Write the full training state (weights, EMA, optimisers, loop counters, callbacks) to ``path`` atomically.
@@ -23,15 +25,10 @@ def save_checkpoint_now(trainer: pl.Trainer, path: str | os.PathLike) -> Path | 
     if not trainer.is_global_zero:
         return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # The connector's dump is what Trainer.save_checkpoint writes, minus the trailing barrier (module docstring).
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as temporary:
         trainer.strategy.save_checkpoint(checkpoint, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 
