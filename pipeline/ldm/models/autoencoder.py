@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError, DataError, MissingWeightsError
+from ldm.models.checkpoint import load_checkpoint
 from ldm.models.tiling import sliding_window
 from ldm.modules.diffusionmodules.model import Decoder, Encoder, conv_nd, split_ddconfig
 from ldm.modules.quantize import DEFAULT_CHUNK_SIZE, QuantizerInfo, VectorQuantizer
@@ -97,34 +98,13 @@ class VQModel(pl.LightningModule):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
     def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Sequence[str] = ()) -> tuple[list, list]:
-        """Load a Lightning checkpoint (its ``state_dict``) or a bare state dict, non-strictly.
-
-        Keys starting with any of ``ignore_keys`` are dropped first. Returns ``(missing, unexpected)`` key lists,
-        which are also logged.
-        """
+        """Load a Lightning checkpoint (its ``state_dict``) or a bare state dict strictly, except keys starting
+        with an ``ignore_keys`` prefix (e.g. ``loss.`` to load a full VQ checkpoint into LINet's first stage).
+        Returns ``(missing, unexpected)`` ignored keys; anything else that does not fit raises."""
         if not os.path.isfile(path):
             raise MissingWeightsError(f"{path}: VQ checkpoint not found (train one with configs/autoencoder/"
                                       "lesiondiffusion_vq.yaml or place the released VQ.ckpt there)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # torch raises several types for corrupt or foreign files
-            raise DataError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from None
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, Mapping):
-            raise DataError(f"{path}: expected a checkpoint dict with 'state_dict' or a state dict")
-        state = {key: value for key, value in state.items()
-                 if not any(key.startswith(prefix) for prefix in ignore_keys)}
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as error:
-            raise DataError(f"{path}: checkpoint does not fit this VQ model ({error})") from None
-        logger.info("Restored VQ from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
-        if missing:
-            logger.warning("%s: missing keys %s", path, missing)
-        if unexpected:
-            logger.info("%s: unexpected keys %s", path, unexpected)
-        return list(missing), list(unexpected)
+        return load_checkpoint(self, path, ignore_keys=ignore_keys)
 
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-quantisation latent ``quant_conv(encoder(x))``, ``(B, embed_dim, *ceil(S / f))`` (``x`` padded)."""

@@ -48,13 +48,15 @@ def load_weights(
     """Load ``state`` into ``module``; keys starting with an ``ignore_keys`` prefix are neither loaded nor required.
 
     Strict by default: any other missing or unexpected key, or a shape mismatch, raises MissingWeightsError that
-    lists them. Returns ``(missing, unexpected)`` (empty when strict).
+    lists them. Returns ``(missing, unexpected)``: the keys that were skipped (only ignored ones when strict).
     """
     ignore = tuple(ignore_keys)
     wanted = {k: v for k, v in state.items() if not _matches(k, ignore) and not _matches(k, TEST_ONLY_PREFIXES)}
     own = module.state_dict()
     missing = [k for k in own if k not in wanted and not _matches(k, ignore)]
     unexpected = [k for k in wanted if k not in own]
+    ignored_missing = [k for k in own if k not in state and _matches(k, ignore)]
+    ignored_unexpected = [k for k in state if k not in own and _matches(k, ignore)]
     mismatched = [f"{k} {_shape(v)} vs {_shape(own[k])}" for k, v in wanted.items() if k in own and _shape(v) != _shape(own[k])]
     if strict and (missing or unexpected or mismatched):
         details = []
@@ -65,7 +67,7 @@ def load_weights(
         raise MissingWeightsError(f"{source}: does not fit the model ({'; '.join(details)})")
     compatible = {k: v for k, v in wanted.items() if k in own and _shape(v) == _shape(own[k])}
     module.load_state_dict(compatible, strict=False)
-    return missing, unexpected
+    return missing + ignored_missing, unexpected + ignored_unexpected
 
 
 def load_checkpoint(
