@@ -52,7 +52,7 @@ def orthogonal_slices(volume: np.ndarray, centre: Sequence[int]) -> dict[str, np
     return {"axial": volume[z], "coronal": volume[:, y, :], "sagittal": volume[:, :, x]}
 
 
-def _outline(axes, mask_slice: np.ndarray) -> None:
+def outline_mask(axes, mask_slice: np.ndarray) -> None:
     # contour() warns on a constant field; a slice the mask does not cross has nothing to outline. Without X/Y
     # and origin, contour puts Z[0, 0] at (0, 0): the centre of imshow's first pixel.
     if mask_slice.min() < 0.5 < mask_slice.max():
@@ -88,7 +88,7 @@ def render_montage(volumes: Mapping[str, object], path: str | os.PathLike, mask=
             axes.imshow(image, cmap="gray", vmin=value_range[0], vmax=value_range[1], origin="lower",
                         interpolation="nearest")
             if mask_slices is not None:
-                _outline(axes, mask_slices[view])
+                outline_mask(axes, mask_slices[view])
             axes.set_xticks([])
             axes.set_yticks([])
             if row == 0:
@@ -98,10 +98,10 @@ def render_montage(volumes: Mapping[str, object], path: str | os.PathLike, mask=
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    return _save_figure(figure, Path(path), dpi)
+    return save_figure(figure, Path(path), dpi)
 
 
-def _save_figure(figure: Figure, path: Path, dpi: int) -> Path:
+def save_figure(figure: Figure, path: Path, dpi: int) -> Path:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)
     return path

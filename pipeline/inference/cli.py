@@ -1,0 +1,122 @@
+"""Command line of ``test.py``: parse, merge the configs, run, print the summary, return the exit status."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ldm.errors import LesionDiffusionError
+from ldm.util import PIPELINE_DIR, load_config, parse_overrides
+from inference.devices import parse_gpus
+from inference.results import summary_lines
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+# Flags that set an ``inference.*`` key (flag destination -> key).
+FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "ddim_steps", "eta": "eta",
+             "guidance_scale": "guidance_scale", "sampler": "sampler", "precision": "precision",
+             "vq_device": "vq_device", "max_mask_num": "max_mask_num"}
+
+EPILOG = """examples:
+  python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
+  python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2
+  python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp inference.ddim_steps=20
+Config paths resolve against pipeline/ when relative and not found from the current directory."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="test.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="LesionDiffusion inference: LMNet lesion masks (maskdiffusion_test.yaml) or LINet inpainting "
+                    "(lesiondiffusion_test.yaml) for every case of an experiment folder. Extra key.sub=value "
+                    "arguments override the configs.")
+    parser.add_argument("-b", "--base", nargs="+", required=True, metavar="CONFIG.yaml",
+                        help="test configs, merged left to right")
+    parser.add_argument("--exp", help="experiment folder written by preprocess.py (inference.exp_dir)")
+    parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,2 (default: inference.device, auto)")
+    parser.add_argument("-s", "--seed", type=int, help="base seed (inference.seed, default 23)")
+    parser.add_argument("--steps", type=int, help="sampling steps (inference.ddim_steps)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (inference.eta)")
+    parser.add_argument("--guidance-scale", dest="guidance_scale", type=float,
+                        help="classifier-free guidance scale (inference.guidance_scale; 1 = none)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), help="inference.sampler")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="UNet autocast on CUDA")
+    parser.add_argument("--vq-device", dest="vq_device", choices=("same", "neighbour", "cpu"),
+                        help="where LINet runs the VQ (inference.vq_device)")
+    parser.add_argument("--max-mask-num", dest="max_mask_num", type=int,
+                        help="lesions per case (inference.max_mask_num)")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite <stem>_0 instead of adding a new <stem>_k")
+    parser.add_argument("--no-preview", action="store_true", help="no PNG previews")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def config_path(path: str) -> str:
+    """A ``--base`` path: as given when it exists from the current directory, else relative to ``pipeline/``."""
+    given = Path(path).expanduser()
+    pipeline_relative = PIPELINE_DIR / path
+    return str(given if given.exists() or given.is_absolute() or not pipeline_relative.exists() else pipeline_relative)
+
+
+def command_overrides(args: argparse.Namespace) -> list[str]:
+    """``inference.*`` overrides for the flags that were given."""
+    overrides = [f"inference.{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
+                 if getattr(args, flag) is not None]
+    for flag, key, value in (("overwrite", "overwrite", True), ("no_preview", "preview", False),
+                             ("no_progress", "progress", False)):
+        if getattr(args, flag):
+            overrides.append(f"inference.{key}={str(value).lower()}")
+    return overrides
+
+
+_LIBRARY_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one ``warning: ...`` line; third-party ones as Python shows them."""
+    if Path(filename).resolve().is_relative_to(PIPELINE_DIR):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _LIBRARY_WARNING(message, category, filename, lineno, file, line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``test.py``; returns 0 when every case succeeded, 1 otherwise."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [item for item in argv if OVERRIDE.match(item)]
+    args = build_parser().parse_args([item for item in argv if not OVERRIDE.match(item)])
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return run(args, overrides)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run the parsed command line; returns the exit status."""
+    from inference.runner import run_inference
+
+    try:
+        config = load_config([config_path(path) for path in args.base])
+        config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
+        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug)
+    except LesionDiffusionError as error:
+        if args.debug:
+            raise
+        print(f"test.py: error: {error}", file=sys.stderr)
+        return 1
+    for line in summary_lines(outcome.results, outcome.stage):
+        print(line)
+    if outcome.label_list is not None:
+        print(f"masks listed for LINet in {outcome.label_list}")
+    print(f"run report: {outcome.report_path}")
+    for result in outcome.failed:
+        if result.traceback:  # unexpected errors always, expected ones with --debug
+            print(result.traceback, file=sys.stderr)
+    if outcome.failed:
+        names = ", ".join(result.case_id for result in outcome.failed)
+        print(f"test.py: {len(outcome.failed)} case(s) failed: {names}", file=sys.stderr)
+        return 1
+    return 0

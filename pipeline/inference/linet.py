@@ -1,0 +1,207 @@
+"""LINet inference: every lesion of LMNet's mask inpainted into the original CT, ``<case>/inpainting_<k>.nii.gz``.
+
+Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, largest first):
+
+1. a crop of ``crop_size`` (release 128^3) centred on the lesion, taken from the CT as inpainted so far (padded
+   with air where the volume is smaller), mapped to [0, 1] and VQ-encoded (the crop only; the original encoded
+   and decoded the whole CT);
+2. the latent mask covers every latent voxel touching the lesion (max-pooling; training used nearest
+   downsampling, which can miss thin parts); DDIM in the latent keeps the clean latent outside the mask and is
+   guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
+3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
+   outside the dilated, feathered lesion every voxel is the input's.
+
+The result has the CT's shape, affine and dtype class, plus a PNG preview (three planes through each lesion,
+input and inpainted). Use from Python: ``inpaint_cases(model, read_cases(exp_dir, options.lists), options)``.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm.data.attributes import linet_attributes, report_attributes, select_organ_key
+from ldm.data.cases import load_case
+from ldm.data.crops import take_crop
+from ldm.data.intensity import AIR_HU, hu_to_unit, unit_to_hu
+from ldm.data.organs import organ_name
+from ldm.data.volume import Geometry, read_volume, write_volume
+from ldm.errors import ConfigError, DataError
+from ldm.models.diffusion.inpainting import InpaintingDiffusion
+from ldm.util import make_generator
+from inference.cases import CaseSpec, output_path
+from inference.common import case_grid, check_crop, process_cases, unet_factor
+from inference.devices import autocast, autocast_dtype
+from inference.options import InferenceOptions
+from inference.paste import output_dtype, paste_generated, working_dtype
+from inference.plan import Component, lesion_seed, plan_components
+from inference.previews import write_lesion_preview
+from inference.results import CaseResult, LesionResult
+
+LMNET_HINT = ("the LMNet stage failed for this case or has not been run: run test.py with "
+              "configs/diffusion/maskdiffusion_test.yaml on this experiment first")
+
+
+@dataclass
+class ImageInputs:
+    """One case in memory: the CT (HU, as read), the lesion label, segmentation, report and the CT grid."""
+
+    ct: np.ndarray
+    label: np.ndarray
+    seg: np.ndarray | None
+    report: dict
+    geometry: Geometry
+    report_path: str
+
+
+def read_image_inputs(case: CaseSpec, options: InferenceOptions) -> ImageInputs:
+    """Read and check one case (DataError naming the file otherwise)."""
+    label_path = case.paths["label"]
+    if not Path(label_path).is_file():
+        raise DataError(f"{label_path}: lesion mask not found; {LMNET_HINT}")
+    paths = {"image": case.paths["image"], "label": label_path, "type": case.paths["type"]}
+    if case.paths.get("seg"):
+        paths["seg"] = case.paths["seg"]
+    loaded = load_case(paths, need_image=False, seg_version=options.seg_version)
+    geometry = case_grid(paths["image"], label_path, loaded.label.shape)
+    ct, _ = read_volume(paths["image"], dtype=working_dtype(geometry))
+    return ImageInputs(ct, loaded.label, loaded.seg, loaded.report, geometry, paths["type"])
+
+
+def vq_factor(model: InpaintingDiffusion) -> int:
+    """Image voxels per latent voxel along each axis."""
+    return int(model.first_stage_model.downsample_factor)
+
+
+def check_inpainting_model(model: torch.nn.Module, options: InferenceOptions) -> None:
+    """ConfigError unless ``model`` is a LINet whose VQ and UNet accept ``options.crop_size``; warns when the
+    UNet is configured to ignore the text."""
+    if not isinstance(model, InpaintingDiffusion):
+        raise ConfigError(f"the LINet stage needs an InpaintingDiffusion model, got {type(model).__name__}")
+    check_crop(options.crop_size, vq_factor(model) * unet_factor(model),
+               "the VQ and then the LINet UNet halve each axis that often")
+    if getattr(model.model, "skip_context", False):
+        warnings.warn("model.params.unet_config.params.skip_context is true: LINet ignores the report's attributes "
+                      "(as the original release did); set it to false", stacklevel=2)
+
+
+def _use_tiles(options: InferenceOptions, latent_shape: Sequence[int]) -> bool:
+    return options.vq_tiling == "always" or (options.vq_tiling == "auto" and max(latent_shape) > options.vq_tile)
+
+
+def encode_crop(model: InpaintingDiffusion, image: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
+    """Latent ``[1, C, *crop / f]`` (on the UNet's device) of an image crop in [0, 1] ``[1, 1, *crop]``; the VQ
+    runs on its own device, tiled when the latent is larger than ``vq_tile``."""
+    vq, factor = model.first_stage_model, vq_factor(model)
+    image = image.to(vq.device)
+    if _use_tiles(options, [size // factor for size in image.shape[2:]]):
+        latent = vq.encode_tiled(image, tile=options.vq_tile * factor, overlap=options.vq_tile_overlap * factor)
+    else:
+        latent = vq.encode(image)
+    return (latent * model.scale_factor).to(model.device)
+
+
+def decode_crop(model: InpaintingDiffusion, latent: torch.Tensor, crop_size: Sequence[int],
+                options: InferenceOptions) -> np.ndarray:
+    """The image crop in [0, 1] (float32 numpy, ``crop_size``) decoded from ``latent`` on the VQ's device."""
+    vq = model.first_stage_model
+    latent = (latent / model.scale_factor).to(device=vq.device, dtype=torch.float32)
+    if _use_tiles(options, latent.shape[2:]):
+        image = vq.decode_tiled(latent, tile=options.vq_tile, overlap=options.vq_tile_overlap, output_shape=crop_size)
+    else:
+        image = vq.decode(latent, output_shape=crop_size)
+    return image[0, 0].float().cpu().numpy()
+
+
+def latent_mask(lesion: np.ndarray, factor: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, *crop / f]`` float mask: 1 on every latent voxel whose image cell holds a lesion voxel."""
+    lesion = torch.from_numpy(np.ascontiguousarray(lesion, dtype=np.float32))[None, None]
+    return F.max_pool3d(lesion, kernel_size=factor, stride=factor, ceil_mode=True).to(device)
+
+
+@torch.no_grad()
+def inpaint_lesion(model: InpaintingDiffusion, inputs: ImageInputs, volume: np.ndarray, component: Component,
+                   case_index: int, options: InferenceOptions, precision: torch.dtype | None = None,
+                   step_progress: bool = False) -> LesionResult:
+    """Inpaint one lesion into ``volume`` (HU, modified in place); returns the lesion record."""
+    start = time.perf_counter()
+    window = component.window
+    lesion = take_crop(component.mask, window, fill=False)
+    seg = take_crop(inputs.seg, window, fill=0) if inputs.seg is not None else None
+    key = select_organ_key(inputs.report, lesion, seg)
+    text = linet_attributes(report_attributes(inputs.report, key), key, source=inputs.report_path)
+    context = model.encode_context([text])
+    image = hu_to_unit(take_crop(volume, window, fill=AIR_HU).astype(np.float32))
+    latent = encode_crop(model, torch.from_numpy(image)[None, None], options)
+    mask = latent_mask(lesion, vq_factor(model), latent.device)
+    seed = lesion_seed(options.seed, "linet", case_index, component.rank)
+    with autocast(model.device, precision):
+        inpainted = model.sample(latent, mask, context, steps=options.ddim_steps, eta=options.eta,
+                                 sampler=options.sampler, generator=make_generator(seed),
+                                 guidance_scale=options.guidance_scale, blend=options.blend, use_ema=options.use_ema,
+                                 progress=step_progress)
+    generated = unit_to_hu(decode_crop(model, inpainted, options.crop_size, options))
+    offset = paste_generated(volume, generated, lesion, window, options.dilate_voxels, options.feather_voxels,
+                             options.match_surroundings)
+    requested = float(text["CT value"].split()[0]) if "CT value" in text else None
+    return LesionResult(rank=component.rank, seed=seed, voxels=component.voxels, organ=organ_name(key),
+                        hu_offset=round(offset, 2), mean_hu=round(float(volume[component.mask].mean()), 1),
+                        requested_hu=requested, seconds=round(time.perf_counter() - start, 3))
+
+
+def hu_warning(record: LesionResult, tolerance: float) -> str | None:
+    """A warning when the lesion's mean HU is more than ``tolerance`` from the report's CT value (MAISI-style
+    sanity check: a large gap means the text did not take effect or the weights do not fit), else None."""
+    if record.requested_hu is None or tolerance <= 0 or abs(record.mean_hu - record.requested_hu) <= tolerance:
+        return None
+    return (f"lesion {record.rank}: mean {record.mean_hu:.0f} HU, the report asks for {record.requested_hu:.0f} HU "
+            f"(more than {tolerance:.0f} HU apart)")
+
+
+def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceOptions,
+                 precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False) -> CaseResult:
+    """Inpaint every lesion of one case and write ``inpainting_<k>.nii.gz`` and its PNG preview; never raises for
+    a bad case: the reason is in the returned result."""
+    result = CaseResult(case.index, case.case_id)
+    try:
+        inputs = read_image_inputs(case, options)
+        margin = options.dilate_voxels + options.feather_voxels
+        components = plan_components(inputs.label, options.crop_size, options.max_mask_num,
+                                     options.min_component_voxels, margin=margin)
+        dtype = output_dtype(inputs.geometry, inputs.ct)
+        volume = inputs.ct.copy()
+        for component in components:
+            record = inpaint_lesion(model, inputs, volume, component, case.index, options, precision, step_progress)
+            result.lesions.append(record)
+            warning = hu_warning(record, options.hu_tolerance)
+            if warning:
+                result.warnings.append(warning)
+        path = output_path(case.out_dir, "inpainting", options.overwrite)
+        result.outputs["image"] = str(write_volume(path, volume, inputs.geometry, dtype=dtype))
+        if options.preview:
+            preview = write_lesion_preview(path.with_name(path.name.replace(".nii.gz", ".png")),
+                                           {"input": inputs.ct, "inpainted": volume},
+                                           [component.mask for component in components],
+                                           inputs.geometry.spacing_zyx, title=f"{case.case_id}: LINet inpainting")
+            result.outputs["preview"] = str(preview)
+        result.status = "done"
+    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
+        result.fail(error, debug)
+    return result
+
+
+def inpaint_cases(model: InpaintingDiffusion, cases: Sequence[CaseSpec], options: InferenceOptions,
+                  debug: bool = False, position: int = 0, step_progress: bool = False) -> list[CaseResult]:
+    """Run LINet on ``cases`` (in order) with ``model`` (eval mode; VQ on its own device); one result per case.
+
+    ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps."""
+    check_inpainting_model(model, options)
+    precision = autocast_dtype(model.device, options.precision)
+    return process_cases(lambda case: inpaint_case(model, case, options, precision, debug, step_progress), cases,
+                         "LINet", options.progress, position)

@@ -1,0 +1,194 @@
+"""LMNet inference: a lesion mask for every lesion box of a case, written as ``<case>/samples_<k>.nii.gz``.
+
+Per case (the CT's grid; boxes = value 2 of the box file, see :mod:`inference.plan` for which boxes):
+
+1. for each box, largest first: a crop of ``crop_size`` centred on the box (padded where the volume is smaller);
+   the organ is the report key overlapping the box most; the box must overlap that organ, else the case fails
+   ("no room");
+2. the text is the report's LMNet attributes with the report's own ``cavity`` (a rule on the masks only when the
+   report has none; the original ignored the report and guessed from directory names);
+3. LMNet samples a mask (seeded per case, box and attempt); :mod:`inference.thresholds` turns it into one lesion
+   inside the box that keeps a voxel away from earlier lesions; when the lesion is smaller than ``min_fill`` of
+   the target volume another attempt is sampled, and the best of ``attempts`` is kept;
+4. the output holds 1 for the organs of the boxes and 2 for the lesions (uint8, the CT's affine and shape).
+
+Use from Python: ``sample_masks(model, read_cases(exp_dir, options.lists), options)``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ldm.data.attributes import lmnet_attributes, organ_mask, report_attributes, resolve_cavity, select_organ_key
+from ldm.data.cases import load_case
+from ldm.data.crops import paste_crop, take_crop
+from ldm.data.organs import NUM_V1_CLASSES, organ_name
+from ldm.data.volume import Geometry, read_volume, write_volume
+from ldm.errors import ConfigError, DataError
+from ldm.models.diffusion.mask import MaskDiffusion
+from ldm.util import make_generator
+from inference.cases import CaseSpec, output_path
+from inference.common import case_grid, check_crop, process_cases, unet_factor
+from inference.devices import autocast, autocast_dtype
+from inference.options import InferenceOptions
+from inference.plan import Component, lesion_seed, plan_components
+from inference.previews import write_lesion_preview
+from inference.results import CaseResult, LesionResult
+from inference.thresholds import Candidate, blocked_region, choose_threshold
+
+ORGAN_VALUE, LESION_VALUE = 1, 2
+
+
+@dataclass
+class MaskInputs:
+    """One case in memory: the boxes (label values), v1 segmentation, report and the CT grid."""
+
+    boxes: np.ndarray
+    seg: np.ndarray
+    report: dict
+    geometry: Geometry
+    report_path: str
+
+
+def read_mask_inputs(case: CaseSpec, options: InferenceOptions) -> MaskInputs:
+    """Read and check a case's box file, segmentation and report (DataError naming the file otherwise)."""
+    paths = {"image": case.paths["image"], "label": case.paths["boxes"], "type": case.paths["type"],
+             "seg": case.paths["seg"]}
+    loaded = load_case(paths, need_image=False, seg_version=options.seg_version)
+    geometry = case_grid(paths["image"], paths["label"], loaded.label.shape)
+    return MaskInputs(loaded.label, loaded.seg, loaded.report, geometry, paths["type"])
+
+
+def check_mask_model(model: torch.nn.Module, options: InferenceOptions) -> None:
+    """ConfigError unless ``model`` is an LMNet whose UNet accepts crops of ``options.crop_size``."""
+    if not isinstance(model, MaskDiffusion):
+        raise ConfigError(f"the LMNet stage needs a MaskDiffusion model, got {type(model).__name__}")
+    check_crop(options.crop_size, unet_factor(model), "the LMNet UNet halves each axis that often")
+
+
+def _conditioning(model: MaskDiffusion, seg: np.ndarray, organ: np.ndarray, box: np.ndarray) -> torch.Tensor:
+    def channel(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+
+    return model.condition_volume(channel(seg / NUM_V1_CLASSES), channel(organ), channel(box))
+
+
+def _sample_candidate(model: MaskDiffusion, cond: torch.Tensor, context: torch.Tensor | None, box: np.ndarray,
+                      blocked: np.ndarray, seed: int, options: InferenceOptions, precision: torch.dtype | None,
+                      step_progress: bool) -> Candidate:
+    with autocast(model.device, precision):
+        sample = model.sample(cond, context, steps=options.ddim_steps, eta=options.eta, sampler=options.sampler,
+                              generator=make_generator(seed), guidance_scale=options.guidance_scale,
+                              use_ema=options.use_ema, progress=step_progress)
+    return choose_threshold(sample[0, 0].float().cpu().numpy(), box, blocked, options.thresholds,
+                            options.fill_target, options.fill_holes)
+
+
+@torch.no_grad()
+def sample_box(model: MaskDiffusion, inputs: MaskInputs, component: Component, occupied: np.ndarray,
+               case_index: int, options: InferenceOptions, precision: torch.dtype | None = None,
+               step_progress: bool = False) -> tuple[np.ndarray, str, LesionResult]:
+    """Sample the lesion of one box; returns the full-volume lesion mask, the organ key and the lesion record."""
+    start = time.perf_counter()
+    window = component.window
+    box = take_crop(component.box_mask(), window, fill=False)
+    seg = take_crop(inputs.seg, window, fill=0)
+    key = select_organ_key(inputs.report, box, seg)
+    organ = organ_mask(seg, inputs.report, key)
+    if not (organ & box).any():
+        where = [(b.start, b.stop) for b in component.bbox]
+        raise DataError(f"box {component.rank} at {where} (z, y, x) does not overlap the {organ_name(key)} "
+                        f"(v1 id {key}) of the segmentation: no room for a lesion of that organ there")
+    attributes = report_attributes(inputs.report, key)
+    cavity = resolve_cavity(key, attributes, box, organ, take_crop(occupied, window, fill=False),
+                            source=inputs.report_path)
+    context = model.encode_context([lmnet_attributes(attributes, key, cavity)])
+    cond = _conditioning(model, seg, organ, box)
+    blocked = blocked_region(take_crop(occupied, window, fill=False))
+    best, best_seed, attempts = None, None, 0
+    for attempt in range(options.attempts):
+        seed = lesion_seed(options.seed, "lmnet", case_index, component.rank, attempt)
+        candidate = _sample_candidate(model, cond, context, box, blocked, seed, options, precision, step_progress)
+        attempts += 1
+        if best is None or abs(candidate.voxels - candidate.target_voxels) < abs(best.voxels - best.target_voxels):
+            best, best_seed = candidate, seed
+        if candidate.voxels > 0 and candidate.fill >= options.min_fill:
+            break
+    if best.voxels == 0:
+        raise DataError(f"box {component.rank}: LMNet produced no lesion voxel inside the box in {attempts} "
+                        "attempt(s); try another inference.seed or more inference.attempts")
+    lesion = paste_crop(np.zeros(occupied.shape, dtype=bool), best.mask, window)
+    record = LesionResult(rank=component.rank, seed=best_seed, voxels=int(best.voxels), organ=organ_name(key),
+                          threshold=best.threshold, target_voxels=round(best.target_voxels, 1), attempts=attempts,
+                          seconds=round(time.perf_counter() - start, 3))
+    return lesion, key, record
+
+
+def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
+                precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False) -> CaseResult:
+    """Sample every box of one case and write ``samples_<k>.nii.gz`` (and a PNG preview); never raises for a
+    bad case: the reason is in the returned result."""
+    result = CaseResult(case.index, case.case_id)
+    path = output_path(case.out_dir, "samples", options.overwrite)
+    try:
+        if options.overwrite:
+            # A failed rerun must not leave the previous mask where label_list.txt points.
+            path.unlink(missing_ok=True)
+        inputs = read_mask_inputs(case, options)
+        components = plan_components(inputs.boxes, options.crop_size, options.max_mask_num,
+                                     options.min_component_voxels)
+        occupied = np.zeros(inputs.boxes.shape, dtype=bool)
+        organs = np.zeros(inputs.boxes.shape, dtype=bool)
+        lesions = []
+        for component in components:
+            lesion, key, record = sample_box(model, inputs, component, occupied, case.index, options, precision,
+                                             step_progress)
+            if record.voxels < options.min_fill * record.target_voxels:
+                result.warnings.append(f"box {record.rank}: the mask fills {record.voxels / record.target_voxels:.0%} "
+                                       f"of its target volume after {record.attempts} attempt(s)")
+            occupied |= lesion
+            organs |= organ_mask(inputs.seg, inputs.report, key)
+            lesions.append(lesion)
+            result.lesions.append(record)
+        volume = np.where(occupied, LESION_VALUE, np.where(organs, ORGAN_VALUE, 0)).astype(np.uint8)
+        result.outputs["mask"] = str(write_volume(path, volume, inputs.geometry, dtype=np.uint8))
+        if options.preview:
+            ct, _ = read_volume(case.paths["image"])
+            preview = write_lesion_preview(path.with_name(path.name.replace(".nii.gz", ".png")), {"CT": ct},
+                                           lesions, inputs.geometry.spacing_zyx, title=f"{case.case_id}: LMNet masks")
+            result.outputs["preview"] = str(preview)
+        result.status = "done"
+    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
+        result.fail(error, debug)
+    return result
+
+
+def sample_masks(model: MaskDiffusion, cases: Sequence[CaseSpec], options: InferenceOptions,
+                 debug: bool = False, position: int = 0, step_progress: bool = False) -> list[CaseResult]:
+    """Run LMNet on ``cases`` (in order) with ``model`` (eval mode, on its device); returns one result per case.
+
+    ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps."""
+    check_mask_model(model, options)
+    precision = autocast_dtype(model.device, options.precision)
+    return process_cases(lambda case: sample_case(model, case, options, precision, debug, step_progress), cases,
+                         "LMNet", options.progress, position)
+
+
+def label_list_entries(results: Sequence[CaseResult], cases: Sequence[CaseSpec],
+                       options: InferenceOptions) -> list[Path]:
+    """One ``label_list.txt`` row per case: the mask just written, or for a failed case the name its mask would
+    have had (absent, so LINet reports that case as failed instead of using an older mask)."""
+    by_index = {result.index: result for result in results}
+    rows = []
+    for case in cases:
+        result = by_index.get(case.index)
+        if result is not None and result.ok:
+            rows.append(Path(result.outputs["mask"]))
+        else:
+            rows.append(output_path(case.out_dir, "samples", options.overwrite))
+    return rows

@@ -1,0 +1,89 @@
+"""Which lesion boxes (LMNet) or lesions (LINet) of a case are processed, the crop around each, and their seeds.
+
+Components are face-connected regions of ``label == 2``, largest first (ties: scan order). Components larger
+than ``min_voxels`` are kept, at most ``max_count``; when none is that large, the largest alone is kept (the
+original rule, with 50 voxels and ``max_mask_num``).
+
+Seeds: every random draw of a lesion comes from ``SeedSequence([seed, stage, case row, lesion, attempt])``, so a
+case gives the same result whatever process or GPU handles it and whichever other cases run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ldm.data.crops import FACE_CONNECTIVITY, CropWindow, bbox_center, mask_bbox, plan_crop
+from ldm.errors import DataError
+
+LESION_VALUE = 2
+STAGE_IDS = {"lmnet": 1, "linet": 2}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One lesion (box) of a case: its rank (0 = largest), voxel mask ``(z, y, x)``, bounding box and crop."""
+
+    rank: int
+    mask: np.ndarray
+    bbox: tuple[slice, slice, slice]
+    window: CropWindow
+
+    @property
+    def voxels(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def extent(self) -> tuple[int, int, int]:
+        """Bounding-box size in voxels ``(z, y, x)``."""
+        return tuple(box.stop - box.start for box in self.bbox)
+
+    def box_mask(self) -> np.ndarray:
+        """The component's bounding box filled with True (full-volume shape)."""
+        box = np.zeros(self.mask.shape, dtype=bool)
+        box[self.bbox] = True
+        return box
+
+
+def select_components(label: np.ndarray, max_count: int, min_voxels: int) -> list[np.ndarray]:
+    """Boolean masks of the kept components of ``label == 2``, largest first (module docstring rule)."""
+    lesion = np.asarray(label) == LESION_VALUE
+    if not lesion.any():
+        raise DataError(f"no lesion voxel (value {LESION_VALUE}) in the label")
+    components, count = ndimage.label(lesion, structure=FACE_CONNECTIVITY)
+    sizes = np.bincount(components.ravel())[1:]
+    order = np.argsort(-sizes, kind="stable")
+    kept = [int(i) for i in order if sizes[i] > min_voxels][:max_count] or [int(order[0])]
+    return [components == index + 1 for index in kept]
+
+
+def plan_components(label: np.ndarray, crop_size: Sequence[int], max_count: int, min_voxels: int,
+                    margin: int = 0) -> list[Component]:
+    """The kept components with a crop of ``crop_size`` centred on each bounding box.
+
+    Raises DataError when a component plus ``margin`` voxels on each side does not fit in the crop.
+    """
+    planned = []
+    for rank, mask in enumerate(select_components(label, max_count, min_voxels)):
+        bbox = mask_bbox(mask)
+        window = plan_crop(mask.shape, crop_size, bbox_center(mask))
+        needed = [box.stop - box.start + 2 * margin for box in bbox]
+        if any(size > crop for size, crop in zip(needed, crop_size)):
+            raise DataError(f"lesion {rank} spans {[b.stop - b.start for b in bbox]} voxels (z, y, x); with a margin "
+                            f"of {margin} it does not fit the crop {list(crop_size)}: raise inference.crop_size")
+        inside = [max(box.start - margin, 0) >= start - pad and min(box.stop + margin, full) <= start - pad + crop
+                  for box, start, pad, crop, full in zip(bbox, window.crop_start, window.pad_before, crop_size,
+                                                         mask.shape)]
+        if not all(inside):
+            raise DataError(f"lesion {rank} at {[(b.start, b.stop) for b in bbox]} cannot be centred in a crop of "
+                            f"{list(crop_size)}")
+        planned.append(Component(rank, mask, bbox, window))
+    return planned
+
+
+def lesion_seed(seed: int, stage: str, case_index: int, lesion: int, attempt: int = 0) -> int:
+    """A 63-bit seed for one lesion and attempt, independent of the other cases (module docstring)."""
+    sequence = np.random.SeedSequence([int(seed), STAGE_IDS[stage], int(case_index), int(lesion), int(attempt)])
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

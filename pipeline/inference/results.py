@@ -1,0 +1,92 @@
+"""What inference did per case and per lesion, the run summary, and the run report ``<exp>/<stage>_report.json``."""
+from __future__ import annotations
+
+import json
+import os
+import traceback as traceback_module
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldm.errors import LesionDiffusionError
+
+
+@dataclass
+class LesionResult:
+    """One lesion: its rank in the case (0 = largest box/lesion), seed, voxels, and stage details.
+
+    ``organ``: the organ of the report entry used for the text. LMNet: ``threshold``, ``target_voxels`` (the box's
+    target volume) and ``attempts``; LINet: ``hu_offset`` (HU added to match the surroundings), ``mean_hu`` (mean
+    of the lesion in the output) and ``requested_hu`` (the report's ``CT value``, when it has one).
+    """
+
+    rank: int
+    seed: int
+    voxels: int
+    organ: str = ""
+    threshold: float | None = None
+    target_voxels: float | None = None
+    attempts: int = 1
+    hu_offset: float | None = None
+    mean_hu: float | None = None
+    requested_hu: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class CaseResult:
+    """One case: ``status`` is ``done`` or ``failed`` (``error`` says why); ``outputs`` maps kind -> path;
+    ``warnings`` flags results to look at (e.g. a lesion far from the requested HU)."""
+
+    index: int
+    case_id: str
+    status: str = "failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    lesions: list[LesionResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    traceback: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+    def fail(self, error: BaseException, debug: bool = False) -> "CaseResult":
+        """Record ``error``: a LesionDiffusionError by its message, anything else with its type and traceback."""
+        self.status = "failed"
+        if isinstance(error, LesionDiffusionError):
+            self.error = str(error)
+            self.traceback = traceback_module.format_exc() if debug else None
+        else:
+            self.error = f"{type(error).__name__}: {error}"
+            self.traceback = traceback_module.format_exc()
+        return self
+
+
+def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
+    """A short table of the run: one line per case (outputs or the reason of the failure), then the counts."""
+    lines = []
+    for result in results:
+        if result.ok:
+            written = ", ".join(Path(path).name for path in result.outputs.values())
+            lines.append(f"  {result.case_id}: {len(result.lesions)} lesion(s) -> {written} "
+                         f"({result.seconds:.1f} s)")
+            lines.extend(f"    warning: {warning}" for warning in result.warnings)
+        else:
+            lines.append(f"  {result.case_id}: FAILED: {result.error}")
+    failed = sum(not result.ok for result in results)
+    lines.append(f"{stage}: {len(results)} case(s), {len(results) - failed} done, {failed} failed")
+    return lines
+
+
+def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult]) -> Path:
+    """Write the run report (options, then every case with its lesions) as JSON, atomically; returns ``path``."""
+    report = {"stage": stage, "options": options, "cases": [asdict(result) for result in results]}
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,182 @@
+"""One inference run from a merged config: the stage, the model on its devices, one process per sampling device,
+and the files the run writes besides the per-case outputs.
+
+The stage follows the model class (``MaskDiffusion`` -> LMNet, ``InpaintingDiffusion`` -> LINet). With several
+placements (``--gpus 0,2``) each runs in its own spawned process on the cases ``rank::world``; results come back
+to this process, which writes ``<exp>/label_list.txt`` (LMNet: one row per case of ``img_list.txt``, what LINet
+reads next) and ``<exp>/<stage>_report.json`` (options and, per case, outputs, lesions, seeds, errors).
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from queue import Empty
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError
+from ldm.models.diffusion.inpainting import InpaintingDiffusion
+from ldm.models.diffusion.mask import MaskDiffusion
+from ldm.util import get_obj_from_str, instantiate_from_config
+from inference.cases import CaseSpec, read_cases, write_list
+from inference.devices import Placement, plan_placements, visible_gpu_count
+from inference.lmnet import label_list_entries, sample_masks
+from inference.linet import inpaint_cases
+from inference.options import InferenceOptions, parse_options
+from inference.results import CaseResult, write_run_report
+
+POLL_SECONDS = 5.0
+STAGE_CLASSES = {"lmnet": MaskDiffusion, "linet": InpaintingDiffusion}
+WEIGHTS_HINT = ("place the released checkpoint there (see the README, 'Weights'), or point "
+                "model.params.ckpt_path=... to your own training run's checkpoints/last.ckpt")
+
+
+@dataclass
+class RunOutcome:
+    """What a run did: the stage, one result per case (list order), and the files written besides the cases."""
+
+    stage: str
+    results: list[CaseResult]
+    report_path: Path
+    label_list: Path | None = None
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [result for result in self.results if not result.ok]
+
+
+def config_stage(config: DictConfig) -> str:
+    """``lmnet`` or ``linet`` from ``model.target``; ConfigError for another model."""
+    model = config.get("model")
+    if not isinstance(model, DictConfig) or "target" not in model:
+        raise ConfigError("the config has no model block with a 'target'")
+    cls = get_obj_from_str(model.target, key_path="model.target")
+    for stage, base in STAGE_CLASSES.items():
+        if isinstance(cls, type) and issubclass(cls, base):
+            return stage
+    raise ConfigError(f"model.target {model.target!r}: inference runs MaskDiffusion (LMNet) or InpaintingDiffusion "
+                      "(LINet) models")
+
+
+def check_weights(config: DictConfig) -> None:
+    """MissingWeightsError unless ``model.params.ckpt_path`` names an existing file (sampling with untrained
+    weights would silently produce noise)."""
+    path = (config.model.get("params") or {}).get("ckpt_path")
+    if not path:
+        raise MissingWeightsError(f"model.params.ckpt_path is not set: inference needs trained weights; {WEIGHTS_HINT}")
+    if not Path(path).is_file():
+        raise MissingWeightsError(f"{path}: checkpoint not found (model.params.ckpt_path); {WEIGHTS_HINT}")
+
+
+def load_model(config: DictConfig, device: str | torch.device = "cpu",
+               vq_device: str | torch.device | None = None) -> torch.nn.Module:
+    """The model of ``config`` with its checkpoint, in eval mode without gradients, on ``device``; a LINet's VQ
+    goes to ``vq_device`` (default: ``device``)."""
+    check_weights(config)
+    model = instantiate_from_config(config.model, key_path="model")
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device)
+    first_stage = getattr(model, "first_stage_model", None)
+    if first_stage is not None and vq_device is not None and torch.device(vq_device) != torch.device(device):
+        first_stage.to(vq_device)
+    return model
+
+
+def run_stage(model: torch.nn.Module, stage: str, cases: Sequence[CaseSpec], options: InferenceOptions,
+              debug: bool = False, position: int = 0, step_progress: bool = False) -> list[CaseResult]:
+    """Run one stage on ``cases`` with a loaded model; one result per case."""
+    run = sample_masks if stage == "lmnet" else inpaint_cases
+    return run(model, cases, options, debug=debug, position=position, step_progress=step_progress)
+
+
+def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Sequence[CaseSpec],
+              options: InferenceOptions, debug: bool = False) -> list[CaseResult]:
+    """Load the model on ``placement`` and run the cases ``rank::world`` of ``cases``."""
+    if placement.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(placement.device))
+    elif placement.world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // placement.world))
+    model = load_model(config, placement.device, placement.vq_device)
+    shard = list(cases)[placement.rank::placement.world]
+    # Step bars of several processes would overwrite each other's lines: only a single process shows them.
+    return run_stage(model, stage, shard, options, debug, position=placement.rank,
+                     step_progress=options.progress and placement.world == 1)
+
+
+def _worker(config: dict, stage: str, placement: Placement, cases: list[CaseSpec], options: InferenceOptions,
+            debug: bool, queue) -> None:
+    try:
+        results = run_shard(OmegaConf.create(config), stage, placement, cases, options, debug)
+        queue.put((placement.rank, "ok", results))
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
+        message = str(error) if isinstance(error, LesionDiffusionError) else traceback.format_exc()
+        queue.put((placement.rank, "error", (type(error).__name__, message,
+                                             isinstance(error, LesionDiffusionError))))
+
+
+def run_spawned(config: DictConfig, stage: str, placements: Sequence[Placement], cases: Sequence[CaseSpec],
+                options: InferenceOptions, debug: bool = False) -> list[CaseResult]:
+    """Run every placement in its own spawned process; returns all results (any order)."""
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    container = OmegaConf.to_container(config, resolve=True)
+    processes = [context.Process(target=_worker, args=(container, stage, placement, list(cases), options, debug, queue))
+                 for placement in placements]
+    for process in processes:
+        process.start()
+    results, errors, reported = [], [], set()
+    while len(reported) < len(processes):
+        try:
+            rank, status, payload = queue.get(timeout=POLL_SECONDS)
+        except Empty:
+            # A process killed from outside (out of memory, a signal) never reports: do not wait for it forever.
+            dead = [rank for rank, process in enumerate(processes)
+                    if rank not in reported and process.exitcode not in (None, 0)]
+            for rank in dead:
+                reported.add(rank)
+                errors.append((rank, ("ProcessExit", f"exited with code {processes[rank].exitcode} before "
+                                                     "reporting its results", False)))
+            continue
+        reported.add(rank)
+        if status == "ok":
+            results.extend(payload)
+        else:
+            errors.append((rank, payload))
+    for process in processes:
+        process.join()
+    if errors:
+        rank, (name, message, expected) = sorted(errors)[0]
+        if expected:
+            raise LesionDiffusionError(f"[rank {rank}] {message}")
+        raise RuntimeError(f"inference process {rank} failed with {name}:\n{message}")
+    return results
+
+
+def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = False,
+                  placements: Sequence[Placement] | None = None) -> RunOutcome:
+    """Run the stage of ``config`` on every case of its experiment folder (see the module docstring).
+
+    ``gpus``: CUDA ids, one process each (none: one process on ``inference.device``); ``placements`` replaces
+    that plan (e.g. two CPU processes). Returns the outcome; a bad case never raises, a bad config does."""
+    stage = config_stage(config)
+    options = parse_options(config.get("inference"), stage)
+    cases = read_cases(options.exp_dir, dict(options.lists))
+    check_weights(config)
+    if placements is None:
+        placements = plan_placements(gpus, visible_gpu_count(), options.vq_device, options.device)
+    if len(placements) == 1:
+        results = run_shard(config, stage, placements[0], cases, options, debug)
+    else:
+        results = run_spawned(config, stage, placements, cases, options, debug)
+    results = sorted(results, key=lambda result: result.index)
+    exp_dir = Path(options.exp_dir)
+    label_list = None
+    if stage == "lmnet":
+        label_list = write_list(exp_dir / options.label_list_name, label_list_entries(results, cases, options))
+    report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results)
+    return RunOutcome(stage, results, report, label_list)
