@@ -18,7 +18,6 @@ import copy
 import importlib.util
 import netrc
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_info  # noqa: E402
 
 from ldm.callbacks import CheckpointOnException, CheckpointOnSignal, SetupCallback  # noqa: E402
+from ldm.cli import parse_gpus, split_overrides  # noqa: E402
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
 from ldm.util import instantiate_from_config, load_config, seed_everything  # noqa: E402
 
-OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 TORCHRUN_VARIABLES = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 TRAINER_FLAGS = ("accelerator", "num_nodes", "precision", "max_steps", "max_epochs", "strategy")
 DEFAULT_CALLBACKS = {
@@ -87,23 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="experiment logger (default tensorboard; wandb runs offline without credentials)")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks of configuration errors")
     return parser
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``(arguments for argparse, key.sub=value overrides)``: overrides may stand anywhere on the command line."""
-    overrides = [item for item in argv if OVERRIDE.match(item)]
-    return [item for item in argv if not OVERRIDE.match(item)], overrides
-
-
-def parse_gpus(text: str) -> list[int]:
-    """GPU ids from ``--gpus``: ``'0,1'`` -> ``[0, 1]``, ``'10,11'`` -> ``[10, 11]``, ``'3'`` -> ``[3]``."""
-    parts = [part.strip() for part in str(text).split(",") if part.strip()]
-    if not parts or not all(part.isdigit() for part in parts):
-        raise ConfigError(f"--gpus {text!r}: expected GPU ids separated by commas, such as 0,1")
-    ids = [int(part) for part in parts]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"--gpus {text!r}: a GPU id is listed twice")
-    return ids
 
 
 def parse_devices(text: str) -> int | str:

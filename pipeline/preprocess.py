@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
+from ldm.cli import one_line_warnings
 from ldm.errors import ConfigError, LesionDiffusionError
-from ldm.util import PIPELINE_DIR, resolve_path
+from ldm.util import resolve_path
 
 DEFAULT_SPACING_MM = 1.0
 
@@ -125,16 +125,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (our warnings and errors are printed as one line each)."""
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        library_show = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None) -> None:
-            if Path(filename).resolve().is_relative_to(PIPELINE_DIR):
-                print(f"warning: {message}", file=sys.stderr)
-            else:
-                library_show(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
+    with one_line_warnings():
         try:
             return run(args)
         except LesionDiffusionError as error:

@@ -13,7 +13,8 @@ from ldm.data.volume import Geometry
 from ldm.errors import ConfigError, DataError
 from inference.cases import case_folders, output_path, write_list
 from inference.linet import hu_warning
-from inference.devices import Placement, autocast_dtype, neighbour_gpus, parse_gpus, plan_placements
+from inference.devices import Placement, autocast_dtype, neighbour_gpus, plan_placements
+from ldm.cli import parse_gpus
 from inference.options import DEFAULT_THRESHOLDS, parse_options
 from inference.paste import blend_weights, lesion_region, output_dtype, paste_generated
 from inference.plan import lesion_seed, plan_components, select_components

@@ -6,6 +6,7 @@ import pytest
 
 import main
 from demo.make_phantoms import make_phantoms
+from ldm.cli import parse_gpus, split_overrides
 from ldm.errors import ConfigError, MissingWeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,18 +32,18 @@ def data_overrides(lists: Path, kinds: tuple[str, ...]) -> list[str]:
 
 
 def options(*argv: str):
-    arguments, overrides = main.split_overrides(list(argv))
+    arguments, overrides = split_overrides(list(argv))
     return main.build_parser().parse_args(arguments), overrides
 
 
 def test_gpu_ids_are_ids_not_digit_counts():
-    assert main.parse_gpus("0,1") == [0, 1]
-    assert main.parse_gpus("10,11") == [10, 11]
-    assert main.parse_gpus("3") == [3]
-    assert main.parse_gpus("2,") == [2]
+    assert parse_gpus("0,1") == [0, 1]
+    assert parse_gpus("10,11") == [10, 11]
+    assert parse_gpus("3") == [3]
+    assert parse_gpus("2,") == [2]
     for bad in ("a", "0;1", "", "1,1"):
         with pytest.raises(ConfigError):
-            main.parse_gpus(bad)
+            parse_gpus(bad)
     assert main.parse_devices("4") == 4 and main.parse_devices("-1") == -1 and main.parse_devices("auto") == "auto"
 
 

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm.cli import one_line_warnings, parse_gpus, split_overrides
 from ldm.errors import LesionDiffusionError
 from ldm.util import PIPELINE_DIR, load_config, parse_overrides
-from inference.devices import parse_gpus
 from inference.results import summary_lines
 
-OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 # Flags that set an ``inference.*`` key (flag destination -> key).
 FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "ddim_steps", "eta": "eta",
              "guidance_scale": "guidance_scale", "sampler": "sampler", "precision": "precision",
@@ -73,24 +70,12 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-_LIBRARY_WARNING = warnings.showwarning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our own warnings as one ``warning: ...`` line; third-party ones as Python shows them."""
-    if Path(filename).resolve().is_relative_to(PIPELINE_DIR):
-        print(f"warning: {message}", file=sys.stderr)
-    else:
-        _LIBRARY_WARNING(message, category, filename, lineno, file, line)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``test.py``; returns 0 when every case succeeded, 1 otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [item for item in argv if OVERRIDE.match(item)]
-    args = build_parser().parse_args([item for item in argv if not OVERRIDE.match(item)])
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+    arguments, overrides = split_overrides(argv)
+    args = build_parser().parse_args(arguments)
+    with one_line_warnings():
         return run(args, overrides)
 
 

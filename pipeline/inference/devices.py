@@ -32,19 +32,6 @@ class Placement:
     vq_device: str
 
 
-def parse_gpus(text: str | None) -> list[int]:
-    """GPU ids of ``--gpus``: ``'0,2'`` -> ``[0, 2]``; ``None`` or ``''`` -> ``[]``."""
-    if text is None or not str(text).strip():
-        return []
-    parts = [part.strip() for part in str(text).split(",") if part.strip()]
-    if not all(part.isdigit() for part in parts):
-        raise ConfigError(f"--gpus {text!r}: expected GPU ids separated by commas, such as 0,1")
-    ids = [int(part) for part in parts]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"--gpus {text!r}: a GPU id is listed twice")
-    return ids
-
-
 def default_device(requested: str, visible_gpus: int) -> str:
     """The device of a single-process run: ``auto`` is ``cuda:0`` when a GPU is visible, else ``cpu``."""
     if requested == "auto":

@@ -1,0 +1,51 @@
+"""Pieces every command line shares: ``key.sub=value`` overrides, ``--gpus`` ids, one-line warnings."""
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ldm.errors import ConfigError
+from ldm.util import PIPELINE_DIR
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(arguments for argparse, key.sub=value overrides)``: overrides may stand anywhere on the command line."""
+    overrides = [item for item in argv if OVERRIDE.match(item)]
+    return [item for item in argv if not OVERRIDE.match(item)], overrides
+
+
+def parse_gpus(text: str | None) -> list[int]:
+    """GPU ids of ``--gpus``: ``'0,1'`` -> ``[0, 1]``, ``'10,11'`` -> ``[10, 11]`` (ids, not a digit count);
+    ``None`` (flag not given) -> ``[]``."""
+    if text is None:
+        return []
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--gpus {text!r}: expected GPU ids separated by commas, such as 0,1")
+    ids = [int(part) for part in parts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpus {text!r}: a GPU id is listed twice")
+    return ids
+
+
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within the block, warnings raised by this project's code print as one ``warning: ...`` line; warnings of
+    third-party libraries keep Python's format."""
+    with warnings.catch_warnings():
+        library_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if Path(filename).resolve().is_relative_to(PIPELINE_DIR):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                library_show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield

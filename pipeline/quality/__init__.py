@@ -1,0 +1,12 @@
+"""Quality gates for synthetic lesions and their export to nnU-Net.
+
+- :mod:`quality.tolerances`: the checks, their documented defaults and the ``quality.toml`` reader;
+- :mod:`quality.outputs`: which inpainted CTs of an experiment folder are evaluated, with which mask and inputs;
+- :mod:`quality.density`: report density phrases and measured contrasts as hypo/iso/hyperdense;
+- :mod:`quality.measure`: the per-lesion measurements (:class:`quality.measure.LesionQuality`);
+- :mod:`quality.gate`: pass/fail per check, the evaluation of a folder and the ``test.py`` hook;
+- :mod:`quality.tables`: ``quality.csv`` and ``quality_summary.json``; :mod:`quality.plot`: ``quality.png``;
+- :mod:`quality.nnunet`: nnU-Net v2 raw-dataset naming, ``dataset.json``, label schemes and read-back checks.
+
+Entry points: ``pipeline/evaluate.py`` and ``pipeline/export_nnunet.py``.
+"""
