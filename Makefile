@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) demo/make_phantoms.py --out demo/data --n 8 --seed 0
+	$(PY) demo/run_demo.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ldm.cli import one_line_warnings  # noqa: E402
 from ldm.errors import LesionDiffusionError  # noqa: E402
 from quality.gate import Evaluation, evaluate_outputs  # noqa: E402
 from quality.measure import LesionQuality  # noqa: E402
@@ -104,7 +105,8 @@ def summary_lines(evaluation: Evaluation, exp_dir: Path) -> list[str]:
              f"{len(lesions) - passed} failed"]
     failures = {name: sum(lesion.checks.get(name) is False for lesion in lesions) for name in CHECKS}
     if any(failures.values()):
-        lines.append("  failures by check: " + ", ".join(f"{name} {count}" for name, count in failures.items() if count))
+        counts = ", ".join(f"{name} {count}" for name, count in failures.items() if count)
+        lines.append(f"  failures by check: {counts}")
     failed = [lesion for lesion in lesions if not lesion.passed]
     for lesion in failed[:MAX_LISTED]:
         lines.append(f"  {lesion.case} {Path(lesion.output).name} lesion {lesion.lesion}: "
@@ -119,6 +121,12 @@ def summary_lines(evaluation: Evaluation, exp_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    with one_line_warnings():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command for parsed arguments; returns the exit status."""
     try:
         evaluation = run_evaluation(args.exp_dir, tolerances_from_args(args), args.which, args.dilate_voxels,
                                     args.feather_voxels, args.seg_version, not args.no_plot, not args.no_progress)

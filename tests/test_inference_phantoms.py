@@ -183,3 +183,21 @@ def test_python_api_gives_what_the_runner_gives(assets, tmp_path):
     for by_runner, by_api in zip(outcome.results, results):
         assert by_runner.case_id == by_api.case_id
         assert np.array_equal(read_label(by_runner.outputs["mask"])[0], read_label(by_api.outputs["mask"])[0])
+
+
+def test_quality_gate_moves_failing_outputs_aside(assets, tmp_path):
+    """With ``quality_gate: true`` every lesion is measured; with a 0-HU tolerance none passes, so each output
+    moves to ``<case>/rejected/`` and the result says so; the measurements are written next to the run."""
+    exp_dir = phantom_experiment(tmp_path / "exp", assets["phantoms"], cases=2)
+    (exp_dir / "quality.toml").write_text("[tolerances]\nhu_abs = 0.0\n")
+    run("lmnet", assets, exp_dir)
+    outcome = run("linet", assets, exp_dir, quality_gate=True)
+    assert len(outcome.dropped) == 2
+    for result, dropped in zip(outcome.results, outcome.dropped):
+        assert "image" not in result.outputs and result.outputs["rejected_image"] == str(dropped.moved_to)
+        assert dropped.moved_to.parent.name == "rejected" and dropped.moved_to.is_file()
+        assert not dropped.output.exists()
+        assert any("hu" in reason for reason in dropped.reasons)
+    assert (exp_dir / "quality.csv").is_file() and (exp_dir / "quality_summary.json").is_file()
+    report = json.loads((exp_dir / "linet_report.json").read_text())
+    assert report["options"]["quality_gate"] is True

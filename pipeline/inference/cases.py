@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ldm.data.lists import read_aligned_lists
 from ldm.errors import ConfigError, DataError
+from ldm.fileio import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,4 @@ def write_list(path: Path, entries: list[Path]) -> Path:
     for entry in entries:
         entry = Path(entry).resolve()
         lines.append(str(entry.relative_to(base)) if entry.is_relative_to(base) else str(entry))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_text("".join(f"{line}\n" for line in lines))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, "".join(f"{line}\n" for line in lines))

@@ -94,6 +94,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return 1
     for line in summary_lines(outcome.results, outcome.stage):
         print(line)
+    for dropped in outcome.dropped:
+        print(f"quality gate: {dropped.case_id}: {dropped.output.name} moved to {dropped.moved_to} "
+              f"({'; '.join(dropped.reasons)})")
     if outcome.label_list is not None:
         print(f"masks listed for LINet in {outcome.label_list}")
     print(f"run report: {outcome.report_path}")

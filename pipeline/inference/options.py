@@ -71,6 +71,7 @@ class InferenceOptions:
     feather_voxels: int = 3
     match_surroundings: bool = True
     hu_tolerance: float = 150.0
+    quality_gate: bool = False
 
     def with_overrides(self, **values: Any) -> "InferenceOptions":
         """A copy with some settings replaced (``None`` values are ignored), checked again."""
@@ -105,7 +106,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
         _at_least(options, key, minimum, int)
     for key in ("eta", "min_fill", "hu_tolerance"):
         _at_least(options, key, 0.0)
-    for key in ("use_ema", "overwrite", "preview", "progress", "fill_holes", "match_surroundings"):
+    for key in ("use_ema", "overwrite", "preview", "progress", "fill_holes", "match_surroundings", "quality_gate"):
         if not isinstance(getattr(options, key), bool):
             raise _fail(key, f"must be true or false, got {getattr(options, key)!r}")
     if not isinstance(options.guidance_scale, (int, float)) or isinstance(options.guidance_scale, bool):

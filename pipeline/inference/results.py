@@ -1,14 +1,13 @@
 """What inference did per case and per lesion, the run summary, and the run report ``<exp>/<stage>_report.json``."""
 from __future__ import annotations
 
-import json
-import os
 import traceback as traceback_module
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ldm.errors import LesionDiffusionError
+from ldm.fileio import write_json_atomic
 
 
 @dataclass
@@ -83,10 +82,4 @@ def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
 def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult]) -> Path:
     """Write the run report (options, then every case with its lesions) as JSON, atomically; returns ``path``."""
     report = {"stage": stage, "options": options, "cases": [asdict(result) for result in results]}
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(report, indent=1, default=str) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_json_atomic(path, report, indent=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import traceback
 from queue import Empty
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +43,7 @@ class RunOutcome:
     results: list[CaseResult]
     report_path: Path
     label_list: Path | None = None
+    dropped: list = field(default_factory=list)
 
     @property
     def failed(self) -> list[CaseResult]:
@@ -178,5 +179,13 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     label_list = None
     if stage == "lmnet":
         label_list = write_list(exp_dir / options.label_list_name, label_list_entries(results, cases, options))
+    dropped = []
+    if stage == "linet" and options.quality_gate:
+        from quality.gate import apply_quality_gate
+
+        # The margins are passed explicitly: linet_report.json is written after the gate (or is an older run's).
+        dropped = apply_quality_gate(exp_dir, results, dilate_voxels=options.dilate_voxels,
+                                     feather_voxels=options.feather_voxels, label_list_name=options.lists["label"],
+                                     seg_version=options.seg_version, progress=options.progress)
     report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results)
-    return RunOutcome(stage, results, report, label_list)
+    return RunOutcome(stage, results, report, label_list, dropped)

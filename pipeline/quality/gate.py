@@ -115,7 +115,13 @@ class DroppedOutput:
 
 
 def _move_aside(path: Path) -> Path:
+    """Move ``path`` into ``rejected/`` next to it; an earlier rejected file of that name is kept (``name~2``...)."""
     target = path.parent / REJECTED_FOLDER / path.name
+    stem = path.name.split(".", 1)[0]
+    number = 2
+    while target.exists():
+        target = target.with_name(f"{stem}~{number}{path.name[len(stem):]}")
+        number += 1
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, target)
     return target

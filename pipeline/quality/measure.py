@@ -6,9 +6,9 @@ Per lesion (a face-connected component of value 2 of the output's mask, largest 
   ``size`` ``"[[a b c]] pixel,"`` counts along), the report's size, the volume of the ellipsoid inscribed in it
   (pi/6 a b c voxels, what LMNet aims for) and the ratios;
 - organ: the report entry whose organ overlaps the lesion most (:func:`ldm.data.attributes.select_organ_key` on
-  a window around the lesion), its mask in the segmentation (lung lobes: the union of the report's lobes), dilated by one voxel (26
-  neighbours) for hollow organs, whose wall is often outside the segmented lumen; the fraction of lesion voxels
-  inside it;
+  a window around the lesion), its mask in the segmentation (lung lobes: the union of the report's lobes),
+  dilated by one voxel (26 neighbours) for hollow organs, whose wall is often outside the segmented lumen; the
+  fraction of lesion voxels inside it;
 - HU: mean and standard deviation in the lesion on the inpainted CT, the report's ``CT value``;
 - density: the reference is the **median** HU of the organ (undilated) in a shell of ``shell_mm`` around the
   lesion, other lesions excluded, read on the **input** CT, so that the lesion's own feathered halo does not pull
@@ -17,9 +17,9 @@ Per lesion (a face-connected component of value 2 of the output's mask, largest 
 - margin sharpness: mean gradient magnitude (HU/mm, central differences with the voxel spacing) on the one-voxel
   rims inside and outside the lesion boundary;
 - components: mask components whose best-overlapping box of ``bbox.nii.gz`` is this lesion's box (1 without boxes);
-- changes outside the paste region (every lesion dilated by ``dilate + feather`` voxels, the exact region
-  :func:`inference.paste.lesion_region` lets the paste touch): count and largest |difference| in HU against the
-  input CT, for the whole output.
+- changes outside the paste region (the exact region :func:`inference.paste.lesion_region` lets the paste touch:
+  voxels whose Euclidean distance to a lesion is below ``dilate + feather + 1`` voxels): count and largest
+  |difference| in HU against the input CT, for the whole output.
 """
 from __future__ import annotations
 
@@ -105,23 +105,30 @@ def memory_axis_of_file_axes(geometry: Geometry) -> tuple[int, int, int]:
     return tuple(2 - int(canonical) for canonical, _ in to_canonical)
 
 
-def file_spacing(geometry: Geometry) -> np.ndarray:
-    """Voxel size in mm along the file's axes ``(i, j, k)``."""
-    return np.sqrt((geometry.affine[:3, :3] ** 2).sum(axis=0))
+def voxel_volume_mm3(geometry: Geometry) -> float:
+    """Volume of one voxel in mm3 (oblique grids included)."""
+    return float(abs(np.linalg.det(geometry.affine[:3, :3])))
 
 
 def _grown(box: tuple[slice, ...], margins, shape) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(box, margins, shape))
 
 
+def paste_region(lesions: np.ndarray, dilate: int, feather: int) -> np.ndarray:
+    """Boolean map of every voxel a paste around ``lesions`` may change (:func:`inference.paste.lesion_region`,
+    computed on a window around the lesions only)."""
+    region = np.zeros(lesions.shape, dtype=bool)
+    if lesions.any():
+        window = _grown(ndimage.find_objects(lesions.astype(np.int8))[0], [dilate + feather + 1] * 3, lesions.shape)
+        region[window] = lesion_region(lesions[window], dilate, feather)
+    return region
+
+
 def changed_outside(ct: np.ndarray, inpainted: np.ndarray, lesions: np.ndarray, dilate: int,
                     feather: int) -> tuple[int, float]:
     """``(voxels, max |difference| in HU)`` of the inpainted CT that differ from the input outside the region a
     paste around ``lesions`` may change."""
-    changed = inpainted != ct
-    if lesions.any():
-        window = _grown(ndimage.find_objects(lesions.astype(np.int8))[0], [dilate + feather + 1] * 3, lesions.shape)
-        changed[window] &= ~lesion_region(lesions[window], dilate, feather)
+    changed = (inpainted != ct) & ~paste_region(lesions, dilate, feather)
     if not changed.any():
         return 0, 0.0
     difference = np.abs(inpainted[changed].astype(np.float64) - ct[changed].astype(np.float64))
@@ -137,10 +144,11 @@ def box_assignment(components: np.ndarray, count: int, boxes: np.ndarray | None)
     box_labels, box_count = ndimage.label(boxes == LESION_VALUE, structure=FACE_CONNECTIVITY)
     if box_count == 0:
         return assigned
-    pairs = np.zeros((count + 1, box_count + 1), dtype=np.int64)
-    np.add.at(pairs, (components.ravel(), box_labels.ravel()), 1)
-    overlaps = pairs[:, 1:]
-    assigned[1:] = np.where(overlaps[1:].max(axis=1) > 0, overlaps[1:].argmax(axis=1) + 1, 0)
+    inside = components > 0
+    pairs = np.bincount(components[inside].astype(np.int64) * (box_count + 1) + box_labels[inside],
+                        minlength=(count + 1) * (box_count + 1)).reshape(count + 1, box_count + 1)
+    overlaps = pairs[1:, 1:]
+    assigned[1:] = np.where(overlaps.max(axis=1) > 0, overlaps.argmax(axis=1) + 1, 0)
     return assigned
 
 
@@ -194,6 +202,14 @@ class OutputVolumes:
             _same_grid(self.geometry, box_geometry, spec.boxes)
 
 
+def ranked_components(lesions: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Face-connected components of a boolean lesion map: ``(component ids array, ids largest first)``; lesion
+    ``r`` of an output is component ``ids[r]`` (ties in scan order, as LINet ranks them)."""
+    components, _ = ndimage.label(lesions, structure=FACE_CONNECTIVITY)
+    sizes = np.bincount(components.ravel())[1:]
+    return components, [int(index) + 1 for index in np.argsort(-sizes, kind="stable")]
+
+
 def measure_output(spec: OutputSpec, tolerances: Tolerances, dilate: int, feather: int,
                    seg_version: str = "v1", names: tuple[str, str] | None = None) -> list[LesionQuality]:
     """Measure every lesion of one output (module docstring); ``names``: how the output and mask are shown in
@@ -203,9 +219,8 @@ def measure_output(spec: OutputSpec, tolerances: Tolerances, dilate: int, feathe
     if not lesions.any():
         raise DataError(f"{spec.mask}: the mask holds no lesion voxel (value {LESION_VALUE})")
     report = read_report(spec.report)
-    components, count = ndimage.label(lesions, structure=FACE_CONNECTIVITY)
-    sizes = np.bincount(components.ravel())[1:]
-    boxes = box_assignment(components, count, volumes.boxes)
+    components, ranked = ranked_components(lesions)
+    boxes = box_assignment(components, len(ranked), volumes.boxes)
     changed_voxels, changed_max = changed_outside(volumes.ct, volumes.inpainted, lesions, dilate, feather)
     output_name, mask_name = names or (str(spec.inpainted), str(spec.mask))
     common = dict(case=spec.case_id, output=output_name, mask=mask_name, changed_outside_voxels=changed_voxels,
@@ -213,11 +228,10 @@ def measure_output(spec: OutputSpec, tolerances: Tolerances, dilate: int, feathe
     boxes_seen = volumes.boxes is not None
     objects = ndimage.find_objects(components)
     results = []
-    for rank, index in enumerate(np.argsort(-sizes, kind="stable")):
-        label = int(index) + 1
+    for rank, label in enumerate(ranked):
         box = int(boxes[label]) if boxes_seen else None
         same_box = int(np.count_nonzero(boxes[1:] == box)) if box else 1
-        measured = _measure_lesion(volumes, report, spec.report, components, label, objects[index], lesions,
+        measured = _measure_lesion(volumes, report, spec.report, components, label, objects[label - 1], lesions,
                                    tolerances)
         results.append(LesionQuality(lesion=rank, components=same_box, box=box, **common, **measured))
     return results
@@ -235,7 +249,7 @@ def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, com
     attributes = report_attributes(report, key)
     values = volumes.inpainted[window][lesion].astype(np.float64)
     voxels = int(lesion.sum())
-    voxel_mm3 = float(np.prod(spacing))
+    voxel_mm3 = voxel_volume_mm3(volumes.geometry)
     extent_zyx = [s.stop - s.start for s in box]
     extent = tuple(int(extent_zyx[axis]) for axis in memory_axis_of_file_axes(volumes.geometry))
     fields: dict[str, Any] = dict(
@@ -244,7 +258,7 @@ def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, com
         margin_gradient_hu_per_mm=round(margin_gradient(volumes.inpainted[window], lesion, spacing), 3))
     size = requested_size(report, key, attributes, report_path)
     if size is not None:
-        requested = math.pi / 6 * float(np.prod(np.asarray(size) * file_spacing(volumes.geometry)))
+        requested = math.pi / 6 * float(np.prod(size)) * voxel_mm3
         ratios = [e / s for e, s in zip(extent, size)]
         fields.update(requested_size_vox=tuple(size), requested_volume_mm3=round(requested, 3),
                       volume_ratio=round(voxels * voxel_mm3 / requested, 4),

@@ -3,8 +3,9 @@
 Left: the report's ``CT value`` against the lesion's mean HU, with the identity line and the ``hu_abs`` band.
 Right: size as the equivalent-sphere diameter (mm), ``(6 V / pi)^(1/3)``: for the request, V is the ellipsoid
 inscribed in the report's size (its diameter is the geometric mean of the three axes in mm); the band is the
-``volume_ratio`` tolerance. Passed lesions are green dots, failed ones red crosses labelled ``case:lesion``
-(at most :data:`MAX_LABELS`). Lesions without the requested value are left out of that panel (counted in its
+``volume_ratio`` tolerance. Lesions that passed every check are green dots, the others red crosses; a lesion
+failing the panel's own checks (hu/density, volume/extent) is labelled ``case:lesion`` (at most
+:data:`MAX_LABELS` per panel). Lesions without the requested value are left out of that panel (counted in its
 title). Drawn with matplotlib's Agg canvas (no display needed).
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ def equivalent_diameter_mm(volume_mm3: float) -> float:
 
 
 def _panel(axes, points: list[tuple[float, float, LesionQuality]], total: int, band: tuple[float, float],
-           relative: bool, xlabel: str, ylabel: str, title: str) -> None:
-    """Scatter ``(requested, measured, lesion)``; the band is ``x + band`` or, with ``relative``, ``x * band``."""
+           relative: bool, checks: tuple[str, ...], labels: tuple[str, str, str]) -> None:
+    """Scatter ``(requested, measured, lesion)``; the band is ``x + band`` or, with ``relative``, ``x * band``;
+    lesions failing one of ``checks`` are labelled; ``labels``: x label, y label, title."""
+    xlabel, ylabel, title = labels
     axes.set_title(f"{title} ({len(points)} of {total} lesions)", fontsize=10)
     axes.set_xlabel(xlabel, fontsize=9)
     axes.set_ylabel(ylabel, fontsize=9)
@@ -52,12 +55,11 @@ def _panel(axes, points: list[tuple[float, float, LesionQuality]], total: int, b
         chosen = [(x, y) for x, y, lesion in points if lesion.passed is verdict]
         if chosen:
             axes.scatter(*zip(*chosen), **style)
-    failed = [(x, y, lesion) for x, y, lesion in points if not lesion.passed][:MAX_LABELS]
+    failed = [(x, y, lesion) for x, y, lesion in points if set(lesion.failed_checks) & set(checks)][:MAX_LABELS]
     for x, y, lesion in failed:
         axes.annotate(f"{lesion.case}:{lesion.lesion}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     axes.set_xlim(line[0], line[-1])
     axes.set_ylim(min(line[0], float(lower.min())), max(line[-1], float(upper.max())))
-    axes.legend(fontsize=8, loc="upper left")
 
 
 def plot_quality(lesions: Sequence[LesionQuality], tolerances: Tolerances, path: str | Path, dpi: int = 90) -> Path:
@@ -68,12 +70,17 @@ def plot_quality(lesions: Sequence[LesionQuality], tolerances: Tolerances, path:
     hu_points = [(lesion.requested_hu, lesion.mean_hu, lesion) for lesion in lesions if lesion.requested_hu is not None]
     size_points = [(equivalent_diameter_mm(lesion.requested_volume_mm3), equivalent_diameter_mm(lesion.volume_mm3),
                     lesion) for lesion in lesions if lesion.requested_volume_mm3 is not None]
-    _panel(hu_axes, hu_points, len(lesions), (-tolerances.hu_abs, tolerances.hu_abs), False,
-           "requested CT value (HU)", "measured mean in the lesion (HU)", "Lesion HU")
+    _panel(hu_axes, hu_points, len(lesions), (-tolerances.hu_abs, tolerances.hu_abs), False, ("hu", "density"),
+           ("requested CT value (HU)", "measured mean in the lesion (HU)", "Lesion HU"))
     ratios = tuple(ratio ** (1.0 / 3.0) for ratio in tolerances.volume_ratio)
-    _panel(size_axes, size_points, len(lesions), ratios, True, "requested size: ellipsoid, equivalent diameter (mm)",
-           "measured equivalent diameter (mm)", "Lesion size")
+    _panel(size_axes, size_points, len(lesions), ratios, True, ("volume", "extent"),
+           ("requested size: ellipsoid, equivalent diameter (mm)", "measured equivalent diameter (mm)", "Lesion size"))
     passed = sum(lesion.passed for lesion in lesions)
     figure.suptitle(f"Quality of synthetic lesions: {passed} of {len(lesions)} passed every check", fontsize=11)
-    figure.tight_layout()
+    handles = {label: handle for axes in (hu_axes, size_axes)
+               for handle, label in zip(*axes.get_legend_handles_labels())}
+    if handles:
+        figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8,
+                      frameon=False)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(figure, Path(path), dpi)

@@ -13,9 +13,9 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
                     ``volume_ratio`` (0.3 .. 2.0)
 ``extent``          bounding-box extent / report size, along each file axis, within ``extent_ratio`` (0.5 .. 1.5)
 ``components``      mask components falling in the lesion's box (``bbox.nii.gz``) <= ``max_components`` (1)
-``unchanged_outside`` voxels of the inpainted CT that differ from the input outside the paste region (every lesion
-                    dilated by ``dilate_voxels + feather_voxels``) <= ``max_changed_outside_voxels`` (0); this is a
-                    property of the whole output, so it fails every lesion of that output
+``unchanged_outside`` voxels of the inpainted CT that differ from the input outside the paste region (closer than
+                    ``dilate_voxels + feather_voxels + 1`` voxels to a lesion) <= ``max_changed_outside_voxels``
+                    (0); a property of the whole output, so it fails every lesion of that output
 =================== ==============================================================================================
 
 ``quality.toml`` (every key optional; unknown keys are errors)::

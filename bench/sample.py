@@ -1,0 +1,158 @@
+"""Per-lesion sampling time of LMNet and LINet, and peak memory of tiled versus untiled VQ decoding.
+
+    .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2]
+        [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml]
+        [--vq-config configs/demo/vq.yaml] [--vq-size 256]
+
+Prints one JSON object per measurement. Every case runs in its own subprocess, so the peak memory (max RSS on
+the CPU, max allocated on CUDA) is that case's alone. Models are built from the configs; their checkpoints are
+loaded when present, else the weights stay random (timing and memory do not depend on the weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipeline"))
+
+
+def peak_mib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(config_path: str, device, drop_checkpoints: bool):
+    """The model of a config (checkpoints dropped when their files are absent) and the config's inference block."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import PIPELINE_DIR, instantiate_from_config, load_config
+
+    config = load_config([PIPELINE_DIR / config_path])
+    params = config.model.params
+    for block in (params, params.get("first_stage_config", {}).get("params", {})):
+        if block and block.get("ckpt_path") and (drop_checkpoints or not Path(block.ckpt_path).is_file()):
+            block.ckpt_path = None
+    model = instantiate_from_config(config.model, key_path="model").to(device).eval()
+    return model, OmegaConf.to_container(config.get("inference", {}) or {}, resolve=True)
+
+
+def synchronise(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_lmnet(config: str, steps: int, device) -> dict:
+    import torch
+
+    model, inference = build(config, device, drop_checkpoints=False)
+    crop = inference.get("crop_size", [64, 152, 152])
+    cond = torch.zeros(1, 3, *crop, device=device)
+    cond[:, 1, 2:-2, 4:-4, 4:-4] = 1
+    cond[:, 2, crop[0] // 4: -crop[0] // 4, crop[1] // 4: -crop[1] // 4, crop[2] // 4: -crop[2] // 4] = 1
+    context = model.encode_context([{"lesion location": "liver", "shape": "round-like,", "cavity": "within the parenchymal organ,"}])
+    synchronise(device)
+    start = time.perf_counter()
+    model.sample(cond, context, steps=steps, generator=torch.Generator().manual_seed(0))
+    synchronise(device)
+    return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
+
+
+def bench_linet(config: str, steps: int, device) -> dict:
+    import torch
+
+    model, inference = build(config, device, drop_checkpoints=False)
+    crop = inference.get("crop_size", [128, 128, 128])
+    image = torch.rand(1, 1, *crop, generator=torch.Generator().manual_seed(0)).to(device)
+    label = torch.zeros(1, *crop, dtype=torch.long, device=device)
+    label[:, crop[0] // 3: -crop[0] // 3, crop[1] // 3: -crop[1] // 3, crop[2] // 3: -crop[2] // 3] = 2
+    context = model.encode_context([{"lesion location": "liver", "density": "hypodense lesion,", "CT value": "10 HU,"}])
+    synchronise(device)
+    start = time.perf_counter()
+    latent = model.encode(image)
+    mask = model.latent_mask(label, latent.shape)
+    sample = model.sample(latent, mask, context, steps=steps, generator=torch.Generator().manual_seed(0))
+    model.decode(sample)
+    synchronise(device)
+    return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
+
+
+def bench_vq_decode(config: str, size: int, tiled: bool, device) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.models.autoencoder import VQModelInterface
+    from ldm.util import PIPELINE_DIR, load_config
+
+    params = OmegaConf.to_container(load_config([PIPELINE_DIR / config]).model.params, resolve=True)
+    vq = VQModelInterface(ddconfig=params["ddconfig"], lossconfig={"target": "torch.nn.Identity"},
+                          n_embed=params["n_embed"], embed_dim=params["embed_dim"]).to(device).eval()
+    factor = 2 ** len(params["ddconfig"].get("sample_depth", [0]))
+    latent = torch.randn(1, params["embed_dim"], *([size // factor] * 3), device=device)
+    baseline = peak_mib(device)
+    synchronise(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = vq.decode_tiled(latent, tile=48, overlap=24) if tiled else vq.decode(latent)
+    synchronise(device)
+    return {"volume": [size] * 3, "tiled": tiled, "output": list(out.shape), "seconds": round(time.perf_counter() - start, 2),
+            "peak_extra_mib": round(peak_mib(device) - baseline, 1)}
+
+
+def run_case(case: dict, device_name: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    kind = case["kind"]
+    if kind == "lmnet":
+        result = bench_lmnet(case["config"], case["steps"], device)
+    elif kind == "linet":
+        result = bench_linet(case["config"], case["steps"], device)
+    else:
+        result = bench_vq_decode(case["config"], case["size"], case["tiled"], device)
+    return {**case, "device": device_name, "threads": threads, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lmnet-config", default="configs/demo/lmnet_test.yaml")
+    parser.add_argument("--linet-config", default="configs/demo/linet_test.yaml")
+    parser.add_argument("--vq-config", default="configs/demo/vq.yaml")
+    parser.add_argument("--vq-size", type=int, default=256)
+    parser.add_argument("--only", choices=["lmnet", "linet", "vq"])
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case), args.device, args.threads)))
+        return
+    cases = [{"kind": "lmnet", "config": args.lmnet_config, "steps": s} for s in args.steps]
+    cases += [{"kind": "linet", "config": args.linet_config, "steps": s} for s in args.steps]
+    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "tiled": t} for t in (True, False)]
+    for case in cases:
+        if args.only and case["kind"] != args.only:
+            continue
+        command = [sys.executable, __file__, "--case", json.dumps(case), "--device", args.device,
+                   "--threads", str(args.threads)]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            print(json.dumps({**case, "error": (finished.stderr.strip().splitlines() or ["killed"])[-1]}), flush=True)
+        else:
+            print(finished.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Export the inpainted CTs of an experiment folder (and optionally real training cases) as an nnU-Net v2 raw
+dataset, ready for ``nnUNetv2_plan_and_preprocess -d <id> --verify_dataset_integrity``.
+
+    python pipeline/export_nnunet.py EXP_DIR OUT_DIR --dataset-id 501 --name SynthLesions \\
+        [--labels organ-lesion|lesion] [--only-passed [--failed ignore|drop]] \\
+        [--include-real IMAGES_LIST LABELS_LIST] [--overwrite]
+
+Writes ``OUT_DIR/Dataset501_SynthLesions/{imagesTr,labelsTr,dataset.json}`` (see :mod:`quality.nnunet`); use
+``"$nnUNet_raw"`` as OUT_DIR to train on it directly. One case per evaluated output (:mod:`quality.outputs`),
+named ``syn_<case>_<k>``: the inpainted CT and its mask (1 organ, 2 lesion, or lesion only). Real cases
+(``real_<folder>_<file>``) come from two aligned lists of CTs and 0/1/2 labels, remapped the same way.
+
+``--only-passed`` runs the quality gate (:mod:`quality.gate`, tolerances as for ``evaluate.py``; it also writes
+``EXP_DIR/quality.csv``). A failed lesion is then, with ``--failed ignore`` (default), covered by the ignore
+label over its whole paste region (lesion dilated by ``dilate + feather``; passed lesions keep their labels),
+so nnU-Net neither learns it as lesion nor as background; its case is dropped instead when every lesion failed,
+when the output changed voxels outside the paste regions, or when it could not be evaluated. With
+``--failed drop`` any failed lesion drops its case. Every written case is read back and checked (grids, label
+values, counts). A case that cannot be exported is named with the reason and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ldm.data.lists import read_aligned_lists  # noqa: E402
+from ldm.data.volume import Geometry, read_geometry, read_label, write_volume  # noqa: E402
+from ldm.cli import one_line_warnings  # noqa: E402
+from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
+from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
+from quality import nnunet  # noqa: E402
+from quality.gate import display_path, evaluate_outputs  # noqa: E402
+from quality.measure import GRID_ATOL_MM, LesionQuality, paste_region, ranked_components  # noqa: E402
+from quality.outputs import WHICH, OutputSpec, find_outputs, paste_margins  # noqa: E402
+from quality.tables import write_results  # noqa: E402
+from quality.tolerances import Tolerances, resolve_tolerances  # noqa: E402
+
+FAILED_MODES = ("ignore", "drop")
+
+
+@dataclass(frozen=True)
+class ExportedCase:
+    """One written case: identifier, ``synthetic`` or ``real``, its source file and lesions marked ignore."""
+
+    identifier: str
+    kind: str
+    source: str
+    ignored_lesions: int = 0
+
+
+@dataclass
+class ExportResult:
+    """The written dataset: folder, labels declared, cases, and what was dropped or failed (source, reason)."""
+
+    dataset_dir: Path
+    labels: dict[str, int]
+    cases: list[ExportedCase] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _same_grid(image_path: Path, label_path: Path, label_geometry: Geometry) -> Geometry:
+    """The image's geometry; DataError when the label lies on another grid."""
+    image = read_geometry(image_path)
+    if image.shape_zyx != label_geometry.shape_zyx or not np.allclose(image.affine, label_geometry.affine,
+                                                                     atol=GRID_ATOL_MM):
+        raise DataError(f"{label_path}: its grid (shape {label_geometry.shape}) does not match the image "
+                        f"{image_path} (shape {image.shape})")
+    return image
+
+
+def copy_image(source: Path, target: Path) -> Path:
+    """Write the CT as ``.nii.gz`` (a byte copy when it already is one), atomically; returns ``target``."""
+    with atomic_path(target) as temporary:
+        if source.name.endswith(nnunet.FILE_ENDING):
+            shutil.copyfile(source, temporary)
+        else:
+            nib.save(nib.load(str(source)), str(temporary))
+    return target
+
+
+def gated_label(label: np.ndarray, mask: np.ndarray, lesions: list[LesionQuality], failed_mode: str, ignore: int,
+                dilate: int, feather: int) -> tuple[np.ndarray | None, str, int]:
+    """Apply the verdicts of one output to its label: ``(label or None to drop, reason, lesions ignored)``."""
+    failed = [lesion for lesion in lesions if not lesion.passed]
+    if not failed:
+        return label, "", 0
+    reason = "; ".join(f"lesion {lesion.lesion} failed {', '.join(lesion.failed_checks)}" for lesion in failed)
+    if failed_mode == "drop" or len(failed) == len(lesions) or any(
+            lesion.checks.get("unchanged_outside") is False for lesion in failed):
+        return None, reason, 0
+    components, ranked = ranked_components(mask == 2)
+    failed_voxels = np.isin(components, [ranked[lesion.lesion] for lesion in failed])
+    kept = (mask == 2) & ~failed_voxels
+    label = label.copy()
+    label[paste_region(failed_voxels, dilate, feather) & ~kept] = ignore
+    return label, reason, len(failed)
+
+
+class DatasetWriter:
+    """Writes cases into ``imagesTr``/``labelsTr`` and remembers them."""
+
+    def __init__(self, dataset_dir: Path, scheme: str):
+        self.dataset_dir, self.scheme = dataset_dir, scheme
+        self.taken: set[str] = set()
+        self.cases: list[ExportedCase] = []
+
+    def write(self, name: str, kind: str, image: Path, label: np.ndarray, geometry: Geometry, ignored: int = 0) -> None:
+        """Write one case (``label``: ``(z, y, x)`` on ``geometry``, the image's grid) under a unique identifier."""
+        identifier = nnunet.safe_identifier(name, self.taken)
+        copy_image(image, self.dataset_dir / "imagesTr" / nnunet.image_name(identifier))
+        write_volume(self.dataset_dir / "labelsTr" / nnunet.label_name(identifier), label, geometry, dtype=np.uint8)
+        self.cases.append(ExportedCase(identifier, kind, str(image), ignored))
+
+
+def _synthetic_case(writer: DatasetWriter, spec: OutputSpec, exp_dir: Path,
+                    verdicts: dict[str, list[LesionQuality] | None] | None, failed_mode: str,
+                    margins: tuple[int, int], result: ExportResult) -> None:
+    """Export one inpainted CT; with ``verdicts`` (output name -> graded lesions) only what the gate keeps."""
+    output_verdicts = None if verdicts is None else verdicts.get(display_path(spec.inpainted, exp_dir))
+    if verdicts is not None and output_verdicts is None:
+        result.dropped.append((str(spec.inpainted), "could not be evaluated (see quality_summary.json)"))
+        return
+    mask, mask_geometry = read_label(spec.mask)
+    geometry = _same_grid(spec.inpainted, spec.mask, mask_geometry)
+    label = nnunet.remap_label(mask, writer.scheme, spec.mask)
+    ignored = 0
+    if output_verdicts is not None:
+        label, reason, ignored = gated_label(label, mask, output_verdicts, failed_mode,
+                                             nnunet.ignore_value(writer.scheme), *margins)
+        if label is None:
+            result.dropped.append((str(spec.inpainted), reason))
+            return
+    number = spec.number if spec.number is not None else 0
+    writer.write(f"syn_{spec.case_id}_{number}", "synthetic", spec.inpainted, label, geometry, ignored)
+
+
+def _real_case(writer: DatasetWriter, image: Path, label_path: Path) -> None:
+    source, label_geometry = read_label(label_path)
+    geometry = _same_grid(image, label_path, label_geometry)
+    stem = image.name[: -len(nnunet.FILE_ENDING)] if image.name.endswith(nnunet.FILE_ENDING) else image.stem
+    writer.write(f"real_{image.parent.name}_{stem}", "real", image, nnunet.remap_label(source, writer.scheme,
+                                                                                        label_path), geometry)
+
+
+def _prepare_folder(dataset_dir: Path, overwrite: bool) -> None:
+    if dataset_dir.exists() and any(dataset_dir.iterdir()) and not overwrite:
+        raise DataError(f"{dataset_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
+    for folder in ("imagesTr", "labelsTr"):
+        (dataset_dir / folder).mkdir(parents=True, exist_ok=True)
+
+
+def _remove_stale(dataset_dir: Path, identifiers: set[str]) -> None:
+    """Delete case files of an earlier export that this one did not write."""
+    keep = {"imagesTr": {nnunet.image_name(i) for i in identifiers},
+            "labelsTr": {nnunet.label_name(i) for i in identifiers}}
+    for folder, names in keep.items():
+        for path in (dataset_dir / folder).iterdir():
+            if path.name not in names:
+                path.unlink()
+
+
+def _verdicts(specs: list[OutputSpec], exp_dir: Path, tolerances: Tolerances, margins: tuple[int, int],
+              progress: bool) -> dict[str, list[LesionQuality] | None]:
+    """Output name -> graded lesions (None when it could not be evaluated); writes the quality files."""
+    evaluation = evaluate_outputs(specs, exp_dir, tolerances, *margins, progress=progress)
+    write_results(exp_dir, evaluation)
+    verdicts: dict[str, list[LesionQuality] | None] = {name: [] for name in evaluation.outputs}
+    for lesion in evaluation.lesions:
+        verdicts[lesion.output].append(lesion)
+    for error in evaluation.errors:
+        verdicts[error.output] = None
+    return verdicts
+
+
+def export_nnunet(exp_dir: str | os.PathLike, out_dir: str | os.PathLike, dataset_id: int, name: str,
+                  labels: str = "organ-lesion", only_passed: bool = False, failed: str = "ignore",
+                  include_real: tuple[str | os.PathLike, str | os.PathLike] | None = None,
+                  tolerances: Tolerances | None = None, which: str = "latest", overwrite: bool = False,
+                  progress: bool = True) -> ExportResult:
+    """Write the nnU-Net v2 raw dataset (module docstring) and check it by reading it back; returns what was
+    written. Bad options raise ConfigError, a bad experiment folder DataError; a case that fails is recorded in
+    ``errors`` and left out."""
+    exp_dir, out_dir = Path(exp_dir), Path(out_dir)
+    folder_name = nnunet.dataset_folder_name(dataset_id, name)
+    scheme_labels = nnunet.scheme_labels(labels)
+    if failed not in FAILED_MODES:
+        raise ConfigError(f"--failed: {failed!r} is not one of {', '.join(FAILED_MODES)}")
+    specs, skipped = find_outputs(exp_dir, which)
+    real_rows = read_aligned_lists({"image": include_real[0], "label": include_real[1]}) if include_real else None
+    dataset_dir = out_dir / folder_name
+    nnunet.check_free_id(out_dir, folder_name)
+    _prepare_folder(dataset_dir, overwrite)
+    result = ExportResult(dataset_dir, scheme_labels, dropped=[(item.case_id, item.reason) for item in skipped])
+    margins = paste_margins(exp_dir)
+    verdicts = None
+    if only_passed:
+        tolerances = tolerances or resolve_tolerances(exp_dir)
+        verdicts = _verdicts(specs, exp_dir, tolerances, margins, progress)
+    writer = DatasetWriter(dataset_dir, labels)
+    jobs: list[tuple[str, Callable[[], None]]] = [
+        (str(spec.inpainted), partial(_synthetic_case, writer, spec, exp_dir, verdicts, failed, margins, result))
+        for spec in specs]
+    if real_rows:
+        jobs += [(image, partial(_real_case, writer, Path(image), Path(label)))
+                 for image, label in zip(real_rows["image"], real_rows["label"])]
+    for source, job in tqdm(jobs, desc="nnU-Net export", unit="case", disable=not progress):
+        try:
+            job()
+        except LesionDiffusionError as error:
+            result.errors.append((source, str(error)))
+    result.cases = writer.cases
+    if not result.cases:
+        raise DataError(f"{exp_dir}: nothing to export (no output passed, or none could be read)")
+    ignored = sum(case.ignored_lesions for case in result.cases)
+    if ignored:
+        result.labels = {**scheme_labels, nnunet.IGNORE: nnunet.ignore_value(labels)}
+    provenance = {"exp_dir": str(exp_dir.resolve()), "label_scheme": labels, "only_passed": only_passed,
+                  "failed_lesions": failed if only_passed else None, "ignored_lesions": ignored,
+                  "synthetic_cases": sum(case.kind == "synthetic" for case in result.cases),
+                  "real_cases": sum(case.kind == "real" for case in result.cases),
+                  "tolerances": tolerances.as_dict() if only_passed else None,
+                  "dropped": [{"source": source, "reason": reason} for source, reason in result.dropped]}
+    write_json_atomic(dataset_dir / "dataset.json",
+                      nnunet.dataset_json(name, result.labels, len(result.cases), provenance))
+    identifiers = {case.identifier for case in result.cases}
+    _remove_stale(dataset_dir, identifiers)
+    nnunet.verify_dataset(dataset_dir, identifiers)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="export_nnunet.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exp_dir", help="experiment folder with inpainted CTs (test.py with LINet)")
+    parser.add_argument("out_dir", help="where Dataset<id>_<name> goes, e.g. \"$nnUNet_raw\"")
+    parser.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id, 1..999 (e.g. 501)")
+    parser.add_argument("--name", required=True, help="dataset name (letters, digits, _ or -), e.g. SynthLesions")
+    parser.add_argument("--labels", choices=tuple(nnunet.SCHEMES), default="organ-lesion",
+                        help="organ-lesion: 0/1 organ/2 lesion; lesion: 0/1 lesion (default organ-lesion)")
+    parser.add_argument("--only-passed", action="store_true", help="run the quality gate and keep passed lesions")
+    parser.add_argument("--failed", choices=FAILED_MODES, default="ignore",
+                        help="with --only-passed: mark a failed lesion with the ignore label, or drop its case")
+    parser.add_argument("--include-real", nargs=2, metavar=("IMAGES_LIST", "LABELS_LIST"),
+                        help="also export real cases: aligned lists of CTs and 0/1/2 labels")
+    parser.add_argument("--tolerances", metavar="FILE.toml", help="gate tolerances (default: EXP_DIR/quality.toml)")
+    parser.add_argument("--which", choices=WHICH, default="latest",
+                        help="latest: the last LINet run's outputs; all: every inpainting_<k> (default latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (1 when a case could not be exported)."""
+    args = build_parser().parse_args(argv)
+    with one_line_warnings():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command for parsed arguments; returns the exit status."""
+    try:
+        tolerances = resolve_tolerances(args.exp_dir, args.tolerances) if args.only_passed else None
+        result = export_nnunet(args.exp_dir, args.out_dir, args.dataset_id, args.name, args.labels, args.only_passed,
+                               args.failed, tuple(args.include_real) if args.include_real else None, tolerances,
+                               args.which, args.overwrite, not args.no_progress)
+    except LesionDiffusionError as error:
+        if args.debug:
+            raise
+        print(f"export_nnunet.py: error: {error}", file=sys.stderr)
+        return 1
+    kinds = {kind: sum(case.kind == kind for case in result.cases) for kind in ("synthetic", "real")}
+    ignored = sum(case.ignored_lesions for case in result.cases)
+    print(f"{result.dataset_dir}: {len(result.cases)} case(s) ({kinds['synthetic']} synthetic, {kinds['real']} real), "
+          f"labels {result.labels}" + (f", {ignored} failed lesion(s) marked ignore" if ignored else ""))
+    for source, reason in result.dropped:
+        print(f"  dropped {source}: {reason}")
+    for source, reason in result.errors:
+        print(f"export_nnunet.py: {source}: {reason}", file=sys.stderr)
+    print(f"next: nnUNetv2_plan_and_preprocess -d {args.dataset_id} --verify_dataset_integrity "
+          "(with nnUNet_raw set to OUT_DIR)")
+    return 1 if result.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
