@@ -30,6 +30,7 @@ _PIPELINE = str(Path(__file__).resolve().parents[1] / "pipeline")
 if _PIPELINE not in sys.path:
     sys.path.insert(0, _PIPELINE)
 
+from ldm.data.crops import largest_component  # noqa: E402
 from ldm.data.organs import PIPELINE_DIR, is_hollow, organ_id  # noqa: E402
 from ldm.data.synthetic_geometry import (  # noqa: E402
     Grid, distance_inside, geometry_for, random_blob, smooth_field, within_distance,
@@ -214,7 +215,8 @@ def _wall_thickening(rng, grid: Grid, organ: np.ndarray) -> Lesion:
     wobble = smooth_field(rng, grid, 12.0)
     extent = depth.max() * rng.uniform(0.7, 1.0) * (1.0 + 0.2 * wobble)
     thickness = max(grid.spacing) * rng.uniform(2.2, 3.2) * (1.0 + 0.3 * wobble)
-    mask = organ & (distance <= extent) & (depth <= thickness)
+    # A thin shell can fall apart into pieces; inference treats each face-connected piece as its own lesion.
+    mask = largest_component(organ & (distance <= extent) & (depth <= thickness))
     blurred = bool(rng.random() < 0.4)
     values = np.full(grid.shape, rng.uniform(38.0, 50.0))
     weight = _blend_weight(mask, organ, blurred, grid.spacing)

@@ -119,6 +119,7 @@ def test_labels_and_segmentation_ids(dataset):
         assert {organ_id(name) for name in DRAWN_ORGANS} <= ids
         assert ids & set(range(organ_id("vertebrae L5"), organ_id("vertebrae C1") + 1))
         assert entry["lesion_voxels"] == int((label == 2).sum())
+        assert ndimage.label(label == 2)[1] == 1  # one face-connected lesion: inference sees one lesion per piece
         lesion_box = ndimage.find_objects((label == 2).astype(np.int8))[0]
         assert entry["bbox_zyx"] == [[s.start for s in lesion_box], [s.stop for s in lesion_box]]
 
