@@ -195,3 +195,17 @@ def test_released_lmnet_checkpoint_loads_strictly(tmp_path):
     model = instantiate_from_config(config.model)
     assert torch.equal(model.state_dict()["model.out.2.weight"], state["model.out.2.weight"])
     assert torch.equal(model.cond_stage_model.model.proj[0].weight, state["cond_stage_model.model.proj.0.weight"])
+
+
+@pytest.mark.parametrize(("config_name", "manifest_name"), [
+    ("maskdiffusion_test.yaml", "lmnet_full_test.json"),
+    ("lesiondiffusion_test.yaml", "linet_full_test.json"),
+])
+def test_release_test_configs_match_the_test_time_modules(config_name, manifest_name):
+    """The inference configs build the released modules; only the original's test-only LPIPS metric
+    (``perceptual.*``, never in a training checkpoint) is left out."""
+    manifest = {k: v for k, v in load_manifest(manifest_name).items() if not k.startswith("perceptual.")}
+    config = load_config([PIPELINE_DIR / "configs/diffusion" / config_name], ["model.params.ckpt_path=null"])
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model, key_path="model")
+    assert {key: list(value.shape) for key, value in model.state_dict().items()} == manifest
