@@ -87,7 +87,7 @@ def bench_linet(config: str, steps: int, device) -> dict:
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
-def bench_vq_decode(config: str, size: int, tiled: bool, device) -> dict:
+def bench_vq_decode(config: str, size: int, tiled: bool, tile: int, overlap: int, device) -> dict:
     import torch
     from omegaconf import OmegaConf
 
@@ -103,7 +103,7 @@ def bench_vq_decode(config: str, size: int, tiled: bool, device) -> dict:
     synchronise(device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = vq.decode_tiled(latent, tile=48, overlap=24) if tiled else vq.decode(latent)
+        out = vq.decode_tiled(latent, tile=tile, overlap=overlap) if tiled else vq.decode(latent)
     synchronise(device)
     return {"volume": [size] * 3, "tiled": tiled, "output": list(out.shape), "seconds": round(time.perf_counter() - start, 2),
             "peak_extra_mib": round(peak_mib(device) - baseline, 1)}
@@ -120,7 +120,7 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
     elif kind == "linet":
         result = bench_linet(case["config"], case["steps"], device)
     else:
-        result = bench_vq_decode(case["config"], case["size"], case["tiled"], device)
+        result = bench_vq_decode(case["config"], case["size"], case["tiled"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
 
 
@@ -132,7 +132,9 @@ def main() -> None:
     parser.add_argument("--lmnet-config", default="configs/demo/lmnet_test.yaml")
     parser.add_argument("--linet-config", default="configs/demo/linet_test.yaml")
     parser.add_argument("--vq-config", default="configs/demo/vq.yaml")
-    parser.add_argument("--vq-size", type=int, default=256)
+    parser.add_argument("--vq-size", type=int, default=256, help="edge of the decoded cube (voxels)")
+    parser.add_argument("--vq-tile", type=int, nargs=2, default=[96, 48], metavar=("TILE", "OVERLAP"),
+                        help="latent tile and overlap of the tiled decode (the inference defaults)")
     parser.add_argument("--only", choices=["lmnet", "linet", "vq"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +143,8 @@ def main() -> None:
         return
     cases = [{"kind": "lmnet", "config": args.lmnet_config, "steps": s} for s in args.steps]
     cases += [{"kind": "linet", "config": args.linet_config, "steps": s} for s in args.steps]
-    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "tiled": t} for t in (True, False)]
+    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "tiled": tiled, "tile": args.vq_tile[0],
+               "overlap": args.vq_tile[1]} for tiled in (False, True)]
     for case in cases:
         if args.only and case["kind"] != args.only:
             continue

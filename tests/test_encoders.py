@@ -10,14 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from conftest import load_manifest
 from ldm.errors import ConfigError, DataError, MissingWeightsError
 from ldm.modules.encoders import BiomedCLIPTextEncoder, SentenceEncoder, VocabularyEncoder
 from ldm.modules.encoders.attributes import attribute_phrases
 from ldm.modules.encoders.biomedclip import HF_REPO
 from ldm.util import PIPELINE_DIR, instantiate_from_config
 
-COMPAT = ROOT.parent / "shared" / "compat"
 TINY_BERT = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=64)
 LIVER = {"enhancement status": "enhanced CT,", "lesion location": "liver", "shape": "irregular,"}
@@ -73,10 +72,7 @@ def test_biomedclip_state_dict_matches_release_checkpoint_names():
     shapes = {key: list(value.shape) for key, value in holder.state_dict().items()}
     assert sum(p.numel() for p in holder.parameters()) == 109_710_848
     assert len(shapes) == 199
-    manifest_path = COMPAT / "lmnet_full_train.json"
-    if not manifest_path.is_file():
-        pytest.skip(f"compat manifest not found at {manifest_path}")
-    manifest = {k: v for k, v in json.loads(manifest_path.read_text()).items() if k.startswith("cond_stage_model.")}
+    manifest = {k: v for k, v in load_manifest("lmnet_full_train.json").items() if k.startswith("cond_stage_model.")}
     assert list(shapes.items()) == list(manifest.items())
 
 

@@ -24,7 +24,7 @@ from inference.thresholds import blocked_region, choose_threshold, target_volume
 
 # ------------------------------------------------------------------------------------------------ options
 def test_options_defaults_per_stage_and_overrides():
-    lmnet = parse_options({"ddim_steps": 4, "exp_dir": "/tmp/x"}, "lmnet")
+    lmnet = parse_options({"ddim_steps": 4, "exp_dir": "experiments/x"}, "lmnet")
     assert lmnet.crop_size == (64, 152, 152) and lmnet.ddim_steps == 4 and lmnet.lists["boxes"] == "bbox_list.txt"
     assert lmnet.thresholds == DEFAULT_THRESHOLDS and lmnet.thresholds[0] == 0.9 and lmnet.thresholds[-1] == 0.3
     linet = parse_options({"crop_size": 32, "lists": {"label": "masks.txt"}}, "linet")

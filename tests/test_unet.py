@@ -1,18 +1,16 @@
 """UNetModel: checkpoint-compatible names, forward/backward, context handling, precision; diffusion utilities."""
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import load_manifest
 from ldm.errors import ConfigError, DataError
 from ldm.modules.diffusionmodules.blocks import Downsample, Upsample
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import make_beta_schedule, normalization, timestep_embedding
 
-COMPAT = ROOT.parent / "shared" / "compat"
 RELEASE_COMMON = dict(channel_mult=[1, 2, 4], num_head_channels=32, use_spatial_transformer=True, context_dim=512)
 LMNET = dict(RELEASE_COMMON, image_size=[64, 152, 152], in_channels=4, out_channels=1, model_channels=16,
              num_res_blocks=1, attention_resolutions=[4])
@@ -45,10 +43,7 @@ def tiny_inputs(batch=2, spatial=(4, 8, 8), seed=0):
      187_503_365),
 ])
 def test_release_models_match_checkpoint_manifests(manifest, config, n_params):
-    path = COMPAT / manifest
-    if not path.exists():
-        pytest.skip(f"compat manifest not found at {path}")
-    expected = json.loads(path.read_text())
+    expected = load_manifest(manifest)
     with torch.device("meta"):
         model = UNetModel(**config)
     actual = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
