@@ -1,6 +1,6 @@
 """The CPU demo behind ``make demo``: phantoms -> tiny VQ, LMNet, LINet -> lesions in a held-out healthy phantom.
 
-    python demo/run_demo.py [--steps-vq 120 --steps-lmnet 200 --steps-linet 250] [--retrain]
+    python demo/run_demo.py [--steps-vq 200 --steps-lmnet 300 --steps-linet 400] [--retrain]
 
 1. builds the phantom data set in ``demo/data`` (seconds; reused when present);
 2. trains the three tiny demo models with ``pipeline/main.py`` into ``demo/logs`` and copies each last checkpoint
@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps-vq", type=int, default=120, help="VQ training steps")
-    parser.add_argument("--steps-lmnet", type=int, default=200, help="LMNet training steps")
-    parser.add_argument("--steps-linet", type=int, default=250, help="LINet training steps")
+    parser.add_argument("--steps-vq", type=int, default=200, help="VQ training steps")
+    parser.add_argument("--steps-lmnet", type=int, default=300, help="LMNet training steps")
+    parser.add_argument("--steps-linet", type=int, default=400, help="LINet training steps")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the synthesis")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even when checkpoints exist")
