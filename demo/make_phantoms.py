@@ -31,12 +31,13 @@ if _PIPELINE not in sys.path:
     sys.path.insert(0, _PIPELINE)
 
 from ldm.data.crops import largest_component  # noqa: E402
-from ldm.data.organs import PIPELINE_DIR, is_hollow, organ_id  # noqa: E402
+from ldm.data.organs import is_hollow, organ_id  # noqa: E402
 from ldm.data.synthetic_geometry import (  # noqa: E402
     Grid, distance_inside, geometry_for, random_blob, smooth_field, within_distance,
 )
 from ldm.data.volume import Geometry, write_volume  # noqa: E402
 from ldm.fileio import write_text_atomic  # noqa: E402
+from ldm.util import PIPELINE_DIR  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 
 FORMAT_VERSION = 1

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ldm.cli import one_line_warnings, parse_gpus
+from ldm.cli import find_config, one_line_warnings, parse_gpus
 from ldm.errors import ConfigError, LesionDiffusionError
 from ldm.fileio import write_text_atomic
-from ldm.util import PIPELINE_DIR, load_config, resolve_path
+from ldm.util import load_config, resolve_path
 
 DEFAULT_LMNET_CONFIG = "configs/diffusion/maskdiffusion_test.yaml"
 DEFAULT_LINET_CONFIG = "configs/diffusion/lesiondiffusion_test.yaml"
@@ -40,17 +40,6 @@ class SynthesisRow:
     @property
     def ok(self) -> bool:
         return self.stage == "done"
-
-
-def _config_file(path: str | Path) -> str:
-    """A config path from the current directory, or else relative to ``pipeline/``."""
-    given = Path(path).expanduser()
-    if given.is_file():
-        return str(given.resolve())
-    inside = PIPELINE_DIR / given
-    if not given.is_absolute() and inside.is_file():
-        return str(inside)
-    raise ConfigError(f"{path}: config file not found (looked in the current directory and in pipeline/)")
 
 
 def _write_inputs(out: Path, cts: Sequence[Path], attributes: Mapping[str, str], segs: Sequence[Path] | None) -> dict:
@@ -132,7 +121,7 @@ def synthesize(
     if segs and len(segs) != len(cts):
         raise ConfigError(f"{len(cts)} CT(s) but {len(segs)} segmentation(s): give one --seg per --ct")
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
-    configs = _config_file(lmnet_config), _config_file(linet_config)
+    configs = find_config(lmnet_config), find_config(linet_config)
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
     lists = _write_inputs(out, cts, wanted, segs)
     records = _run_preprocess(out, lists, seg_version, seed, reporter, spacing, boxes_per_case, llm_base_url,

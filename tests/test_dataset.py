@@ -12,7 +12,7 @@ from ldm.data.attributes import CAVITY_PHRASES
 from ldm.data.crops import CropWindow, largest_component, take_crop
 from ldm.data.dataset import LesionDataset
 from ldm.data.intensity import hu_to_unit
-from ldm.data.organs import PIPELINE_DIR
+from ldm.util import PIPELINE_DIR
 from ldm.data.volume import read_label, read_volume, write_volume
 from ldm.errors import DataError
 

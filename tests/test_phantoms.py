@@ -14,10 +14,11 @@ from scipy import ndimage
 
 from conftest import ROOT
 from demo.make_phantoms import CAVITY, make_phantoms
-from ldm.data.organs import PIPELINE_DIR, is_hollow, organ_id, organ_names
+from ldm.data.organs import is_hollow, organ_id, organ_names
 from ldm.data.synthetic_geometry import Grid, distance_inside, geometry_for, random_blob, smooth_field, within_distance
 from ldm.data.volume import read_label, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
+from ldm.util import PIPELINE_DIR
 
 SMALL = (32, 64, 64)
 LIST_NAMES = [f"{split}_{kind}_list" for split in ("train", "val")

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ldm.cli import one_line_warnings, parse_gpus, split_overrides
+from ldm.cli import find_config, one_line_warnings, parse_gpus, split_overrides
 from ldm.errors import LesionDiffusionError
-from ldm.util import PIPELINE_DIR, load_config, parse_overrides
+from ldm.util import load_config, parse_overrides
 from inference.results import summary_lines
 
 # Flags that set an ``inference.*`` key (flag destination -> key).
@@ -52,13 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_path(path: str) -> str:
-    """A ``--base`` path: as given when it exists from the current directory, else relative to ``pipeline/``."""
-    given = Path(path).expanduser()
-    pipeline_relative = PIPELINE_DIR / path
-    return str(given if given.exists() or given.is_absolute() or not pipeline_relative.exists() else pipeline_relative)
-
-
 def command_overrides(args: argparse.Namespace) -> list[str]:
     """``inference.*`` overrides for the flags that were given."""
     overrides = [f"inference.{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
@@ -84,7 +76,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from inference.runner import run_inference
 
     try:
-        config = load_config([config_path(path) for path in args.base])
+        config = load_config([find_config(path) for path in args.base])
         config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
         outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug)
     except LesionDiffusionError as error:

@@ -34,6 +34,18 @@ def parse_gpus(text: str | None) -> list[int]:
     return ids
 
 
+def find_config(path: str | Path) -> str:
+    """A ``--base``-style config path: as given when it exists from the current directory, else relative to
+    ``pipeline/`` (so ``configs/demo/lmnet_test.yaml`` works from the repository root too); ConfigError if neither."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return str(given.resolve())
+    inside = PIPELINE_DIR / given
+    if not given.is_absolute() and inside.is_file():
+        return str(inside)
+    raise ConfigError(f"{path}: config file not found (looked in the current directory and in pipeline/)")
+
+
 @contextmanager
 def one_line_warnings() -> Iterator[None]:
     """Within the block, warnings raised by this project's code print as one ``warning: ...`` line; warnings of

@@ -22,7 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from ldm.errors import DataError
-from preprocessing.vocabulary import HOLLOW_CAVITIES, SOLID_CAVITIES, clean_phrase
+from ldm.data.attributes import HOLLOW_CAVITIES, SOLID_CAVITIES
+from preprocessing.vocabulary import clean_phrase
 
 LUMEN_EROSIONS = 5
 BOX_GAP = 1

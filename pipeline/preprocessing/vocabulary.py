@@ -15,13 +15,12 @@ import difflib
 import json
 from functools import lru_cache
 
-from ldm.data.organs import PIPELINE_DIR
+from ldm.data.attributes import HOLLOW_CAVITIES, SOLID_CAVITIES
 from ldm.errors import DataError
+from ldm.util import PIPELINE_DIR
 
 DESCRIPTION_FILE = PIPELINE_DIR / "description.json"
 CAVITY = "cavity"
-HOLLOW_CAVITIES = ("within the lumen of a hollow organ", "wall thickening")
-SOLID_CAVITIES = ("within the parenchymal organ", "protruding from the parenchymal organ")
 # Attributes that may list several phrases; the others describe one property and take exactly one phrase.
 MULTI_VALUED = frozenset({"shape", "surface characteristics", "specific features"})
 MAY_BE_EMPTY = frozenset({"specific features"})

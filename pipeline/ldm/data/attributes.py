@@ -36,12 +36,10 @@ from ldm.errors import DataError
 
 ATTRIBUTES_INDEX = 2
 CAVITY_KEY = "cavity"
-CAVITY_PHRASES = (
-    "within the lumen of a hollow organ,",
-    "wall thickening,",
-    "within the parenchymal organ,",
-    "protruding from the parenchymal organ,",
-)
+# The four values of the ``cavity`` attribute (original preprocess.py), bare and as reports write them.
+HOLLOW_CAVITIES = ("within the lumen of a hollow organ", "wall thickening")
+SOLID_CAVITIES = ("within the parenchymal organ", "protruding from the parenchymal organ")
+CAVITY_PHRASES = tuple(f"{phrase}," for phrase in HOLLOW_CAVITIES + SOLID_CAVITIES)
 WITHIN_ORGAN_FRACTION = 0.9
 STONE_WORDS = ("stone", "calculus", "calculi")
 # Dropped from the LMNet text: the mask model is conditioned on shape/location, not on intensity or size.

@@ -10,13 +10,12 @@ from __future__ import annotations
 import difflib
 import json
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from ldm.errors import DataError
+from ldm.util import PIPELINE_DIR
 
-PIPELINE_DIR = Path(__file__).resolve().parents[2]
 ORGAN_TYPE_FILE = PIPELINE_DIR / "organ_type.json"
 TOTALSEG_LABELS_FILE = PIPELINE_DIR / "totalseg_labels.json"
 NUM_V1_CLASSES = 104

@@ -19,13 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.data.attributes import HOLLOW_CAVITIES, SOLID_CAVITIES
 from ldm.errors import DataError
 from ldm.modules.encoders.attributes import AttributeEncoder
 from ldm.util import PIPELINE_DIR
 
-# The "cavity" attribute's phrases (original preprocess.py); each is its own category.
-CAVITY_PHRASES = ("within the lumen of a hollow organ", "wall thickening", "within the parenchymal organ",
-                  "protruding from the parenchymal organ")
 NUMBER = r"(-?\d+(?:\.\d+)?)"
 HU_PATTERN = re.compile(NUMBER + r"\s*hu\b")
 SIZE_PATTERN = re.compile(r"\[\[\s*" + NUMBER + r"[\s,]+" + NUMBER + r"[\s,]+" + NUMBER + r"\s*\]\]")
@@ -82,7 +80,8 @@ def build_phrase_index(description_file: str | os.PathLike, organ_file: str | os
                 for group in attribute_groups):
             raise DataError(f"{description_path}: attribute {attribute!r} must be a list of lists of phrases")
         groups.extend((description_path, group) for group in attribute_groups)
-    groups.extend((description_path, [phrase]) for phrase in CAVITY_PHRASES)
+    # Each cavity phrase is its own category.
+    groups.extend((description_path, [phrase]) for phrase in HOLLOW_CAVITIES + SOLID_CAVITIES)
     if not isinstance(organs, dict) or not all(isinstance(name, str) for name in organs.values()):
         raise DataError(f"{organ_path}: expected {{id: organ name}}")
     groups.extend((organ_path, [name, organ_id]) for organ_id, name in organs.items())
