@@ -1,0 +1,9 @@
+"""Preparation of public labelled datasets (nnU-Net v2 raw format) for training: ``prepare_dataset.py``.
+
+Modules, in the order a case goes through them: ``source`` (the dataset: ``dataset.json``, cases, label names),
+``case`` (one case: standardised CT, 0/1/2 label, organ segmentations, report; timed, fingerprinted, skipped
+when done), ``measure`` (what the scan says about the lesion: size, HU, contrast, spread, shape, margin,
+position), ``phrases`` (measurements -> vocabulary phrases, with the thresholds), ``report`` (the ``type.json``,
+validated like the reporters' output; optional LLM refinement) and ``outputs`` (seeded split, aligned lists,
+``data*.yaml`` fragments, ``prepare_report.json``).
+"""

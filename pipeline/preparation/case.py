@@ -1,0 +1,243 @@
+"""One case of the dataset, start to finish: standardised CT, 0/1/2 label, organ segmentations, measured report.
+
+Outputs go to ``OUT/cases/<case>/``:
+
+- ``ct.nii.gz``: the CT reoriented to LPS and resampled to ``--spacing`` (:func:`preprocessing.standardise.standardise_ct`);
+- ``coarseg.nii.gz``: the TotalSegmentator v1 segmentation of this CT (run as ``preprocess.py`` runs it, or the
+  ``--seg-dir`` file converted from ``--seg-version``), nearest-neighbour on the CT's grid;
+- ``seg.nii.gz``: the same with the organ (dataset label, or the segmentation's organ) and its lesions painted
+  as the organ id: what a segmentation of the healthy organ would show, which is what the original's ``seg_list``
+  held (a healthy counterpart's segmentation) and what LMNet's organ mask is read from;
+- ``label.nii.gz``: 0 background, 1 organ, 2 lesion (the original convention), on the CT's grid;
+- ``type.json``: the report of the **largest** lesion (face-connected component of the lesion labels). The
+  format keys entries by organ, so several lesions of one organ cannot each have an entry, and training centres
+  its crop on the largest component, which is then the one the text describes. Every component's size is
+  listed in ``prepare_report.json``;
+- ``prepare.json``: the fingerprint of the inputs and options, written last. A rerun skips a case whose
+  fingerprint matches and whose outputs all exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm.data.organs import organ_id as organ_id_of
+from ldm.data.volume import Geometry, read_geometry
+from ldm.errors import DataError, LesionDiffusionError
+from ldm.fileio import write_json_atomic
+from preprocessing.case import file_sha256
+from preprocessing.segment import import_segmentation, run_totalsegmentator
+from preprocessing.standardise import labels_on_grid, load_nifti, standardise_ct, write_file_grid
+from preparation.measure import lesion_components, measure_lesion
+from preparation.phrases import ISO_BAND_HU, measured_phrases
+from preparation.source import SourceCase
+
+OUTPUT_FILES = {"image": "ct.nii.gz", "label": "label.nii.gz", "seg": "seg.nii.gz", "coarseg": "coarseg.nii.gz",
+                "type": "type.json"}
+CASES_DIR = "cases"
+RECORD_FILE = "prepare.json"
+GRID_ATOL_MM = 1e-3
+ORGAN_VALUE, LESION_VALUE = 1, 2
+
+
+@dataclass
+class PrepareOptions:
+    """Settings shared by all cases (flags of ``prepare_dataset.py``)."""
+
+    organ: str
+    lesion_labels: tuple[int, ...]
+    organ_labels: tuple[int, ...] = ()
+    lesion_type: str = "lesion"
+    spacing_xyz: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    seg_version: str = "v1"
+    seg_task: str = "total"
+    seg_fast: bool = False
+    seg_device: str = "auto"
+    overwrite: bool = False
+    debug: bool = False
+
+    @property
+    def organ_id(self) -> int:
+        """TotalSegmentator v1 id of ``organ``."""
+        return organ_id_of(self.organ)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The options that change a case's outputs."""
+        fields = asdict(self)
+        for key in ("overwrite", "debug", "seg_device"):
+            fields.pop(key)
+        return fields
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case; ``status`` is ``done``, ``skipped`` or ``failed``; ``seconds`` per step."""
+
+    index: int
+    case_id: str
+    inputs: dict[str, str | None]
+    split: str = ""
+    status: str = "failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    lesion: dict[str, Any] = field(default_factory=dict)
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+    undecided: list[str] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+
+
+@contextlib.contextmanager
+def _step(result: CaseResult, name: str):
+    start = time.perf_counter()
+    yield
+    result.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def fingerprint(case: SourceCase, options: PrepareOptions, reporter_settings: dict[str, Any]) -> str:
+    """Hash of everything the case's outputs depend on: input bytes, options and reporter."""
+    content = {"image": file_sha256(case.image), "label": file_sha256(case.label),
+               "seg": file_sha256(case.seg) if case.seg else None, "options": options.fingerprint_fields(),
+               "reporter": reporter_settings}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished(case_dir: Path, expected: str) -> bool:
+    record = case_dir / RECORD_FILE
+    if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
+        return False
+    try:
+        return json.loads(record.read_text()).get("fingerprint") == expected
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return False
+
+
+def file_order(path: Path) -> np.ndarray:
+    """The voxel array of a NIfTI file in its own (file) axis order, as stored."""
+    return np.asanyarray(load_nifti(path).dataobj)
+
+
+def check_inputs(case: SourceCase, lesion_labels: tuple[int, ...]) -> None:
+    """DataError (naming the file) when the case cannot be prepared: missing file, label on another grid than
+    the image, or no lesion voxel in the label."""
+    if case.problem:
+        raise DataError(case.problem)
+    image, label = read_geometry(case.image), read_geometry(case.label)
+    if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=GRID_ATOL_MM):
+        raise DataError(f"label {case.label} lies on another voxel grid than its image (shape {label.shape} vs "
+                        f"{image.shape}, or a different affine); nnU-Net needs both on one grid")
+    values = np.unique(file_order(case.label))
+    if not np.isin(lesion_labels, values).any():
+        raise DataError(f"label {case.label} has no lesion voxel (value {' or '.join(map(str, lesion_labels))}); "
+                        f"its values are {', '.join(str(int(v)) for v in values)}")
+
+
+def _organ_extent(mask: np.ndarray) -> tuple[int, int, int]:
+    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return tuple(int(w[-1] - w[0] + 1) for w in where)
+
+
+def _volumes(case: SourceCase, options: PrepareOptions, outputs: dict[str, Path], geometry: Geometry
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Write label and seg; returns ``(lesions, organ, coarseg)`` in file order on the CT's grid."""
+    source = labels_on_grid(case.label, geometry)
+    lesions = np.isin(source, options.lesion_labels)
+    if not lesions.any():
+        raise DataError(f"label {case.label}: every lesion voxel vanished at --spacing "
+                        f"{' '.join(f'{s:g}' for s in options.spacing_xyz)} mm; use a finer spacing")
+    coarseg = np.asarray(file_order(outputs["coarseg"]), dtype=np.int16)
+    if options.organ_labels:
+        organ = np.isin(source, options.organ_labels) & ~lesions
+        where = f"label {case.label} (value {' or '.join(map(str, options.organ_labels))})"
+    else:
+        organ = (coarseg == options.organ_id) & ~lesions
+        where = f"the segmentation {outputs['coarseg']}"
+    if not organ.any():
+        raise DataError(f"{where} holds no {options.organ} voxel outside the lesions")
+    seg = coarseg.copy()
+    seg[organ | lesions] = options.organ_id
+    write_file_grid(outputs["seg"], seg, geometry, np.uint8)
+    label = np.where(lesions, LESION_VALUE, np.where(organ, ORGAN_VALUE, 0))
+    write_file_grid(outputs["label"], label, geometry, np.uint8)
+    return lesions, organ, coarseg
+
+
+def _describe(case: SourceCase, options: PrepareOptions, reporter: Any, outputs: dict[str, Path],
+              geometry: Geometry, lesions: np.ndarray, organ: np.ndarray, coarseg: np.ndarray,
+              result: CaseResult) -> None:
+    """Measure the lesions, write the report of the largest one, fill the result."""
+    ct = load_nifti(outputs["image"]).get_fdata(dtype=np.float32)
+    spacing = tuple(float(s) for s in np.sqrt((geometry.affine[:3, :3] ** 2).sum(axis=0)))
+    components, ranked, boxes = lesion_components(lesions)
+    result.lesions = [{"voxels": int(np.count_nonzero(components[boxes[label - 1]] == label)),
+                       "box_start_vox": [int(s.start) for s in boxes[label - 1]],
+                       "size_vox": [int(s.stop - s.start) for s in boxes[label - 1]]} for label in ranked]
+    largest = components == ranked[0]
+    measurement = measure_lesion(ct, largest, lesions, organ, coarseg, options.organ_id, spacing, ISO_BAND_HU)
+    phrases = measured_phrases(measurement, options.organ_id)
+    extent = _organ_extent(organ | lesions)
+    report = reporter.generate(options.organ_id, phrases, measurement, extent, spacing, options.lesion_type)
+    write_json_atomic(outputs["type"], report)
+    result.lesion = measurement.as_dict()
+    result.undecided = phrases.undecided
+    result.attributes = report[str(options.organ_id)][2]
+
+
+def _run_steps(case: SourceCase, options: PrepareOptions, reporter: Any, segmentation_slots: Any,
+               outputs: dict[str, Path], result: CaseResult) -> None:
+    with _step(result, "standardise"):
+        standardise_ct(case.image, outputs["image"], options.spacing_xyz)
+    with _step(result, "segment"):
+        if case.seg is not None:
+            import_segmentation(case.seg, options.seg_version, outputs["image"], outputs["coarseg"])
+        else:
+            with segmentation_slots:
+                run_totalsegmentator(outputs["image"], outputs["coarseg"], options.seg_task, options.seg_fast,
+                                     options.seg_device)
+    geometry = read_geometry(outputs["image"])
+    with _step(result, "label"):
+        lesions, organ, coarseg = _volumes(case, options, outputs, geometry)
+    with _step(result, "report"):
+        _describe(case, options, reporter, outputs, geometry, lesions, organ, coarseg, result)
+
+
+def prepare_case(case: SourceCase, out_dir: Path, options: PrepareOptions, reporter: Any,
+                 segmentation_slots: Any, split: str) -> CaseResult:
+    """Prepare (or skip) one case; never raises for a bad case: the error is in the result."""
+    case_dir = out_dir / CASES_DIR / case.case_id
+    outputs = {name: case_dir / file_name for name, file_name in OUTPUT_FILES.items()}
+    result = CaseResult(case.index, case.case_id, {"image": str(case.image), "label": str(case.label),
+                                                   "seg": str(case.seg) if case.seg else None}, split=split)
+    try:
+        with _step(result, "inputs"):
+            check_inputs(case, options.lesion_labels)
+            expected = fingerprint(case, options, reporter.settings)
+        result.outputs = {name: str(path) for name, path in outputs.items()}
+        if not options.overwrite and _finished(case_dir, expected):
+            record = json.loads((case_dir / RECORD_FILE).read_text())
+            for key in ("lesion", "lesions", "undecided", "attributes"):
+                setattr(result, key, record.get(key, getattr(result, key)))
+            result.status = "skipped"
+            return result
+        (case_dir / RECORD_FILE).unlink(missing_ok=True)
+        _run_steps(case, options, reporter, segmentation_slots, outputs, result)
+        write_json_atomic(case_dir / RECORD_FILE, {
+            "fingerprint": expected, "outputs": OUTPUT_FILES, "seconds": result.seconds, "lesion": result.lesion,
+            "lesions": result.lesions, "undecided": result.undecided, "attributes": result.attributes})
+        result.status = "done"
+    except LesionDiffusionError as error:
+        result.error = str(error)
+        result.traceback = traceback.format_exc() if options.debug else None
+    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
+        result.error = f"{type(error).__name__}: {error}"
+        result.traceback = traceback.format_exc()
+    return result

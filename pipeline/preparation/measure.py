@@ -1,0 +1,208 @@
+"""What the scan says about one lesion: size, HU, contrast with its organ, spread, shape, margin and position.
+
+Arrays are in the standardised CT file's voxel order ``(X, Y, Z)`` (the axes the report's ``size`` counts along),
+``spacing`` is the voxel size in mm along those axes, HU are Hounsfield units. Definitions:
+
+- ``size_vox``: the lesion's bounding box, ``stop - start`` voxels per file axis (exactly the box LMNet crops);
+- ``mean_hu``/``std_hu``: over every lesion voxel; ``interior_std_hu``: over the lesion eroded by one voxel (the
+  rim mixes with the organ by partial volume), the whole lesion when that leaves fewer than 10 voxels;
+- ``organ_reference_hu``: median HU of the organ within :data:`SHELL_MM` of the lesion, every lesion excluded
+  (the whole organ when that shell has fewer than 10 voxels); ``organ_noise_hu``: a robust standard deviation
+  (1.4826 x median absolute deviation) of the same voxels, so vessels do not count as noise;
+  ``contrast_hu = mean_hu - organ_reference_hu``;
+- ``below_fraction``/``above_fraction``: interior voxels below ``reference - band`` / above ``reference + band``
+  (``band`` = the iso band of :mod:`preparation.phrases`); ``low_tail``/``high_tail``: interior voxels further
+  than 2 noise standard deviations below / above the lesion's own mean;
+- ``solidity``: lesion voxels / voxels whose centre lies in the convex hull of the lesion's voxel centres (1 for
+  a convex lesion at any size, lower when lobulated); ``elongation``: square root of the largest over the smallest eigenvalue of the covariance of voxel
+  positions in mm (1 for a ball);
+- ``margin_leak``: ``(mean HU of the one-voxel outer rim in the organ - reference) / (interior mean - reference)``:
+  about 0 for a sharp margin, a large part of the contrast when the lesion fades into the organ (None when the
+  contrast is too small to tell);
+- ``shell_in_organ``: fraction of the lesion's outer face-neighbour shell inside the organ or another lesion
+  (:func:`ldm.data.attributes.shell_fraction_in_organ`); ``lumen_fraction``: lesion voxels in the organ's lumen
+  (the organ with its lesions, eroded :data:`preprocessing.bbox.LUMEN_EROSIONS` times);
+- ``nearest_other_organ_mm``: distance to the closest voxel of another segmented structure (None beyond
+  :data:`ADJACENT_SEARCH_MM`); ``aorta_hu``: mean HU of the aorta of the segmentation (None when absent).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+from ldm.data.attributes import shell_fraction_in_organ
+from ldm.data.crops import FACE_CONNECTIVITY, mask_bbox
+from ldm.errors import DataError
+from preprocessing.bbox import LUMEN_EROSIONS
+from preprocessing.case import AORTA_V1_ID, MIN_AORTA_VOXELS
+
+SHELL_MM = 10.0
+MIN_VOXELS = 10
+ADJACENT_SEARCH_MM = 20.0
+MAD_TO_STD = 1.4826
+TAIL_STDS = 2.0
+HULL_CHUNK = 200_000
+
+
+@dataclass
+class LesionMeasurement:
+    """Measurements of one lesion (module docstring for the definitions; HU, mm, mm3, voxels)."""
+
+    voxels: int
+    volume_mm3: float
+    box_start_vox: tuple[int, int, int]
+    size_vox: tuple[int, int, int]
+    equivalent_diameter_mm: float
+    mean_hu: float
+    std_hu: float
+    interior_std_hu: float
+    organ_reference_hu: float
+    organ_noise_hu: float
+    contrast_hu: float
+    below_fraction: float
+    above_fraction: float
+    low_tail: float
+    high_tail: float
+    solidity: float | None
+    elongation: float
+    margin_leak: float | None
+    shell_in_organ: float
+    lumen_fraction: float
+    nearest_other_organ_mm: float | None
+    aorta_hu: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly values, rounded to what the numbers mean."""
+        return {key: round(value, 3) if isinstance(value, float) else value for key, value in asdict(self).items()}
+
+
+def grown(box: Sequence[slice], margins: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` widened by ``margins`` voxels per axis, clipped to ``shape``."""
+    return tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(box, margins, shape))
+
+
+def lesion_components(lesions: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[slice, ...]]]:
+    """Face-connected lesion components: ``(label array, labels largest first, bounding box per label - 1)``;
+    ties keep scan order, as the training loader's ``largest_component``."""
+    components, count = ndimage.label(lesions, structure=FACE_CONNECTIVITY)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    ranked = [int(index) + 1 for index in np.argsort(-sizes, kind="stable")]
+    return components, ranked, ndimage.find_objects(components)
+
+
+def solidity(lesion: np.ndarray) -> float | None:
+    """Lesion voxels / voxels whose centre lies in the convex hull of the lesion's voxel centres (1 for a
+    digitally convex lesion, whatever its size; lower when lobulated); None for a flat or tiny lesion."""
+    box = mask_bbox(lesion)
+    local = lesion[box]
+    surface = local & ~ndimage.binary_erosion(local, FACE_CONNECTIVITY)
+    try:
+        hull = ConvexHull(np.argwhere(surface).astype(np.float64))
+        simplices = Delaunay(hull.points[hull.vertices])
+    except (QhullError, ValueError):
+        return None
+    grid = np.indices(local.shape).reshape(3, -1).T
+    inside = sum(int(np.count_nonzero(simplices.find_simplex(chunk, tol=1e-9) >= 0))
+                 for chunk in np.array_split(grid, max(1, len(grid) // HULL_CHUNK)))
+    return float(local.sum() / max(inside, 1))
+
+
+def elongation(lesion: np.ndarray, spacing: Sequence[float]) -> float:
+    """sqrt(largest / smallest eigenvalue) of the covariance of voxel positions in mm (a voxel's own extent
+    included, so a one-voxel-thin lesion stays finite)."""
+    positions = np.argwhere(lesion) * np.asarray(spacing)
+    covariance = np.cov(positions.T) if len(positions) > 1 else np.zeros((3, 3))
+    covariance = covariance + np.diag(np.asarray(spacing, dtype=np.float64) ** 2 / 12.0)
+    eigenvalues = np.linalg.eigvalsh(covariance)
+    return float(math.sqrt(eigenvalues[-1] / eigenvalues[0]))
+
+
+def _robust_std(values: np.ndarray) -> float:
+    return float(MAD_TO_STD * np.median(np.abs(values - np.median(values))))
+
+
+def _organ_reference(ct: np.ndarray, organ: np.ndarray, lesions: np.ndarray, window: tuple[slice, ...],
+                     lesion: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """HU of the organ voxels the lesion is compared with (module docstring)."""
+    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    shell = (distance > 0) & (distance <= SHELL_MM) & organ[window] & ~lesions[window]
+    if shell.sum() >= MIN_VOXELS:
+        return ct[window][shell].astype(np.float64)
+    rest = organ & ~lesions
+    if not rest.any():
+        raise DataError("the organ has no voxel outside the lesions to compare the lesion's HU with")
+    return ct[rest].astype(np.float64)
+
+
+def _margin_leak(ct_window: np.ndarray, lesion: np.ndarray, organ: np.ndarray, interior_mean: float,
+                 reference: float, iso_band_hu: float) -> float | None:
+    outer = ndimage.binary_dilation(lesion, FACE_CONNECTIVITY) & ~lesion & organ
+    if outer.sum() < MIN_VOXELS or abs(interior_mean - reference) <= iso_band_hu:
+        return None
+    return float((ct_window[outer].mean() - reference) / (interior_mean - reference))
+
+
+def nearest_other_organ_mm(lesion: np.ndarray, others: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """Distance in mm (centre to centre) from the lesion to the nearest voxel of ``others``; None when farther
+    than :data:`ADJACENT_SEARCH_MM` (the search is limited to a window around the lesion)."""
+    reach = [int(math.ceil(ADJACENT_SEARCH_MM / s)) + 1 for s in spacing]
+    window = grown(mask_bbox(lesion), reach, lesion.shape)
+    if not others[window].any():
+        return None
+    distance = ndimage.distance_transform_edt(~others[window], sampling=spacing)
+    nearest = float(distance[lesion[window]].min())
+    return nearest if nearest <= ADJACENT_SEARCH_MM else None
+
+
+def aorta_hu(ct: np.ndarray, segmentation: np.ndarray) -> float | None:
+    """Mean HU of the aorta (TotalSegmentator v1 id 7); None when it has fewer than 20 voxels."""
+    aorta = segmentation == AORTA_V1_ID
+    return float(ct[aorta].mean()) if np.count_nonzero(aorta) >= MIN_AORTA_VOXELS else None
+
+
+def measure_lesion(ct: np.ndarray, lesion: np.ndarray, lesions: np.ndarray, organ: np.ndarray,
+                   segmentation: np.ndarray, organ_id: int, spacing: Sequence[float],
+                   iso_band_hu: float) -> LesionMeasurement:
+    """Measure ``lesion`` (one component of ``lesions``) against ``organ`` on ``ct`` (module docstring).
+
+    ``segmentation``: v1 organ ids on the same grid (other structures and the aorta are read from it)."""
+    box = mask_bbox(lesion)
+    margins = [int(math.ceil(SHELL_MM / s)) + 2 for s in spacing]
+    window = grown(box, margins, lesion.shape)
+    local, ct_window = lesion[window], ct[window].astype(np.float64)
+    values = ct_window[local]
+    interior = ndimage.binary_erosion(local, FACE_CONNECTIVITY)
+    interior_values = ct_window[interior] if interior.sum() >= MIN_VOXELS else values
+    surrounding = _organ_reference(ct, organ, lesions, window, local, spacing)
+    reference, noise = float(np.median(surrounding)), _robust_std(surrounding)
+    interior_mean = float(interior_values.mean())
+    tail = TAIL_STDS * max(noise, 1.0)
+    with_lesions = organ | lesions
+    # Erosion reaches LUMEN_EROSIONS voxels: a window that much wider than the lesion gives the exact lumen there.
+    lumen_window = grown(box, [LUMEN_EROSIONS + 1] * 3, lesion.shape)
+    lumen = ndimage.binary_erosion(with_lesions[lumen_window], FACE_CONNECTIVITY, iterations=LUMEN_EROSIONS)
+    others = (segmentation != 0) & (segmentation != organ_id) & ~with_lesions
+    voxel_mm3 = float(np.prod(spacing))
+    voxels = int(local.sum())
+    return LesionMeasurement(
+        voxels=voxels, volume_mm3=voxels * voxel_mm3,
+        box_start_vox=tuple(int(s.start) for s in box), size_vox=tuple(int(s.stop - s.start) for s in box),
+        equivalent_diameter_mm=float((6.0 * voxels * voxel_mm3 / math.pi) ** (1.0 / 3.0)),
+        mean_hu=float(values.mean()), std_hu=float(values.std()), interior_std_hu=float(interior_values.std()),
+        organ_reference_hu=reference, organ_noise_hu=noise, contrast_hu=float(values.mean()) - reference,
+        below_fraction=float(np.mean(interior_values < reference - iso_band_hu)),
+        above_fraction=float(np.mean(interior_values > reference + iso_band_hu)),
+        low_tail=float(np.mean(interior_values < interior_mean - tail)),
+        high_tail=float(np.mean(interior_values > interior_mean + tail)),
+        solidity=solidity(local), elongation=elongation(local, spacing),
+        margin_leak=_margin_leak(ct_window, local, organ[window], interior_mean, reference, iso_band_hu),
+        shell_in_organ=shell_fraction_in_organ(lesion, with_lesions),
+        lumen_fraction=float(lumen[lesion[lumen_window]].mean()),
+        nearest_other_organ_mm=nearest_other_organ_mm(lesion, others, spacing),
+        aorta_hu=aorta_hu(ct, segmentation),
+    )
