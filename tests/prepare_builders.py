@@ -80,8 +80,8 @@ def make_case(root: Path, case_id: str, index: int, offset_hu: float, irregular:
               halo: bool = False) -> KnownLesion:
     """Write one case (image, 0/1/2 label, optional v1 segmentation) and return what it holds.
 
-    ``halves_hu``: one half of the lesion (split along the first axis) ``+halves_hu``, the other ``-halves_hu``
-    (heterogeneous, same mean); ``halo``: the lesion fades out over two voxel rings outside its mask (60 %, then
+    ``halves_hu``: one half of the lesion's voxels (split along the first axis) ``+halves_hu``, as many others
+    ``-halves_hu`` (heterogeneous, same mean); ``halo``: the lesion fades out over two voxel rings outside its mask (60 %, then
     30 % of the offset), an ill-defined margin."""
     geometry = geometry_for(SHAPE, (SPACING,) * 3, ("L", "P", "S"))
     rendered = render_case(0, index, geometry)
@@ -94,9 +94,10 @@ def make_case(root: Path, case_id: str, index: int, offset_hu: float, irregular:
     rng = np.random.default_rng(index)
     ct[mask] = organ_hu + offset_hu + rng.normal(0.0, NOISE_HU, size=int(mask.sum()))
     if halves_hu:
-        centre = int(np.argwhere(mask)[:, 0].mean())
-        ct[:centre][mask[:centre]] += halves_hu
-        ct[centre:][mask[centre:]] -= halves_hu
+        voxels = np.flatnonzero(mask)  # in scan order, so the halves are the two ends along the first axis
+        half = len(voxels) // 2
+        ct.flat[voxels[:half]] += halves_hu
+        ct.flat[voxels[half: 2 * half]] -= halves_hu
     if halo:
         inner = ndimage.binary_dilation(mask) & liver & ~mask
         outer = ndimage.binary_dilation(mask, iterations=2) & liver & ~mask & ~inner
