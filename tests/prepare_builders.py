@@ -17,7 +17,7 @@ from scipy import ndimage
 from demo.make_phantoms import render_case
 from ldm.data.organs import organ_id
 from ldm.data.synthetic_geometry import Grid, distance_inside, geometry_for, random_blob
-from ldm.data.volume import Geometry, write_volume
+from ldm.data.volume import Geometry, read_label, read_volume, write_volume
 
 LIVER = organ_id("liver")
 SHAPE, SPACING = (40, 80, 80), 2.0
@@ -110,3 +110,27 @@ def make_case(root: Path, case_id: str, index: int, offset_hu: float, irregular:
         write_volume(seg_dir / f"{case_id}.nii.gz", seg.astype(np.uint8), geometry, np.uint8)
     return KnownLesion(case_id, mask, float(np.rint(ct)[mask].mean()), file_box_size(geometry, mask), organ_hu,
                        offset_hu, irregular, position)
+
+
+def make_example_ct_case(root: Path, case_id: str, ct_path: Path, seg_path: Path, offset_hu: float,
+                         semi_axes_mm=(15.0, 12.0, 10.0), seed: int = 0) -> KnownLesion:
+    """A case of a real CT (``ct_path``, HU) with an ellipsoid lesion inserted deep in its liver (found in the
+    TotalSegmentator v2 segmentation ``seg_path``, liver = 5 in v1 and v2): the lesion's voxels are set to the
+    liver's median HU plus ``offset_hu`` plus noise of ``NOISE_HU``. The label holds 1 for the lesion only (the
+    organ then comes from the segmentation). Written on the CT's own grid and orientation."""
+    ct, geometry = read_volume(ct_path)
+    seg, _ = read_label(seg_path)
+    liver = seg == LIVER
+    grid = Grid(geometry.shape_zyx, geometry.spacing_zyx)
+    depth = distance_inside(liver, grid.spacing)
+    deepest = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    centre = [float(axis.ravel()[i]) for axis, i in zip(grid.coordinates(), deepest)]
+    mask = random_blob(np.random.default_rng(seed), centre, semi_axes_mm, max_tilt_deg=0.0).mask(grid) & liver
+    organ_hu = float(np.median(ct[liver]))
+    lesioned = ct.astype(np.float64)
+    lesioned[mask] = organ_hu + offset_hu + np.random.default_rng(seed).normal(0.0, NOISE_HU, int(mask.sum()))
+    lesioned = np.rint(lesioned)
+    write_volume(root / "imagesTr" / f"{case_id}_0000.nii.gz", lesioned.astype(np.int16), geometry, np.int16)
+    write_volume(root / "labelsTr" / f"{case_id}.nii.gz", mask.astype(np.uint8), geometry, np.uint8)
+    return KnownLesion(case_id, mask, float(lesioned[mask].mean()), file_box_size(geometry, mask), organ_hu,
+                       offset_hu, False, "within")
