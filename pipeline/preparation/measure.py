@@ -4,12 +4,14 @@ Arrays are in the standardised CT file's voxel order ``(X, Y, Z)`` (the axes the
 ``spacing`` is the voxel size in mm along those axes, HU are Hounsfield units. Definitions:
 
 - ``size_vox``: the lesion's bounding box, ``stop - start`` voxels per file axis (exactly the box LMNet crops);
-- ``mean_hu``/``std_hu``: over every lesion voxel; ``interior_std_hu``: over the lesion eroded by one voxel (the
-  rim mixes with the organ by partial volume), the whole lesion when that leaves fewer than 10 voxels;
+- ``mean_hu``/``std_hu``: over every lesion voxel; ``interior_mean_hu``/``interior_std_hu``: over the lesion
+  eroded by one voxel (the rim mixes with the organ by partial volume, all the more after resampling a coarse
+  scan to a finer ``--spacing``), the whole lesion when that leaves fewer than 10 voxels. The report's ``CT
+  value`` and the density use the interior mean, as a reader's region of interest would;
 - ``organ_reference_hu``: median HU of the organ within :data:`SHELL_MM` of the lesion, every lesion excluded
   (the whole organ when that shell has fewer than 10 voxels); ``organ_noise_hu``: a robust standard deviation
   (1.4826 x median absolute deviation) of the same voxels, so vessels do not count as noise;
-  ``contrast_hu = mean_hu - organ_reference_hu``;
+  ``contrast_hu = interior_mean_hu - organ_reference_hu``;
 - ``below_fraction``/``above_fraction``: interior voxels below ``reference - band`` / above ``reference + band``
   (``band`` = the iso band of :mod:`preparation.phrases`); ``low_tail``/``high_tail``: interior voxels further
   than 2 noise standard deviations below / above the lesion's own mean;
@@ -60,6 +62,7 @@ class LesionMeasurement:
     equivalent_diameter_mm: float
     mean_hu: float
     std_hu: float
+    interior_mean_hu: float
     interior_std_hu: float
     organ_reference_hu: float
     organ_noise_hu: float
@@ -193,8 +196,9 @@ def measure_lesion(ct: np.ndarray, lesion: np.ndarray, lesions: np.ndarray, orga
         voxels=voxels, volume_mm3=voxels * voxel_mm3,
         box_start_vox=tuple(int(s.start) for s in box), size_vox=tuple(int(s.stop - s.start) for s in box),
         equivalent_diameter_mm=float((6.0 * voxels * voxel_mm3 / math.pi) ** (1.0 / 3.0)),
-        mean_hu=float(values.mean()), std_hu=float(values.std()), interior_std_hu=float(interior_values.std()),
-        organ_reference_hu=reference, organ_noise_hu=noise, contrast_hu=float(values.mean()) - reference,
+        mean_hu=float(values.mean()), std_hu=float(values.std()), interior_mean_hu=interior_mean,
+        interior_std_hu=float(interior_values.std()), organ_reference_hu=reference, organ_noise_hu=noise,
+        contrast_hu=interior_mean - reference,
         below_fraction=float(np.mean(interior_values < reference - iso_band_hu)),
         above_fraction=float(np.mean(interior_values > reference + iso_band_hu)),
         low_tail=float(np.mean(interior_values < interior_mean - tail)),

@@ -20,7 +20,7 @@ specific features                 heterogeneous lesions: ``presence of decreased
                                   alone cannot tell spiculation or fluid retention)
 shape                             hollow organ: ``protrusion into the lumen`` (lesion in the lumen) or
                                   ``irregular wall thickening``; equivalent diameter below
-                                  ``NODULAR_MM`` (6 mm): ``nodular``; solidity >= ``ROUND_SOLIDITY`` (0.85) and
+                                  ``NODULAR_MM`` (6 mm): ``nodular``; solidity >= ``ROUND_SOLIDITY`` (0.8) and
                                   elongation <= ``ROUND_ELONGATION`` (2): ``round-like``, else ``irregular``
 surface characteristics           margin leak < ``SHARP_LEAK`` (0.4): well-defined, else ill-defined, in the
                                   organ's words (kidney: boundary with the renal parenchyma; hollow organs:
@@ -33,7 +33,7 @@ cavity                            solid organ: ``within the parenchymal organ`` 
                                   ``wall thickening``
 ================================  =========================================================================
 
-``CT value`` is the mean HU and ``size`` the bounding box; ``lesion location`` is the organ id. An *undecided*
+``CT value`` is the interior mean HU and ``size`` the bounding box; ``lesion location`` is the organ id. An *undecided*
 attribute gets the fallback above and is listed, so ``--reporter llm`` may refine it.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ HETEROGENEOUS_RATIO = 1.5
 HETEROGENEOUS_MIN_HU = 5.0
 TAIL_FRACTION = 0.08
 NODULAR_MM = 6.0
-ROUND_SOLIDITY = 0.85
+ROUND_SOLIDITY = 0.8
 ROUND_ELONGATION = 2.0
 SHARP_LEAK = 0.4
 ADJACENT_MM = 5.0
@@ -85,11 +85,11 @@ def heterogeneous(m: LesionMeasurement) -> bool:
 def density(m: LesionMeasurement, organ_id: int) -> str:
     """The ``density`` phrase (module docstring)."""
     if is_lung(organ_id):
-        return "isodense soft tissue mass" if m.mean_hu > LUNG_SOFT_TISSUE_HU else "low-density ground-glass opacity"
+        return "isodense soft tissue mass" if m.interior_mean_hu > LUNG_SOFT_TISSUE_HU else "low-density ground-glass opacity"
     if m.below_fraction >= MIXED_FRACTION and m.above_fraction >= MIXED_FRACTION:
         return "mixed-density lesion"
     if m.contrast_hu < -ISO_BAND_HU:
-        fluid = FLUID_HU[0] <= m.mean_hu <= FLUID_HU[1] and not heterogeneous(m)
+        fluid = FLUID_HU[0] <= m.interior_mean_hu <= FLUID_HU[1] and not heterogeneous(m)
         return "hypodense fluid-like lesion" if fluid else "hypodense lesion"
     return "hyperdense lesion" if m.contrast_hu > ISO_BAND_HU else "isodense lesion"
 

@@ -37,7 +37,7 @@ def report_request(organ_id: int, lesion_type: str, organ_extent_xyz: Sequence[i
 def measured_report(organ_id: int, phrases: Phrases, measurement: LesionMeasurement,
                     organ_extent_xyz: Sequence[int], spacing_xyz: Sequence[float], lesion_type: str) -> dict[str, list]:
     """The validated report of the measured phrases (ReportError naming every problem otherwise)."""
-    values = {**phrases.values, CT_VALUE: round(measurement.mean_hu)}
+    values = {**phrases.values, CT_VALUE: round(measurement.interior_mean_hu)}
     report = build_report(organ_id, values, organ_extent_xyz, measurement.size_vox)
     request = report_request(organ_id, lesion_type, organ_extent_xyz, spacing_xyz, measurement, {})
     return validate_reply(json.dumps(report), request)
@@ -72,7 +72,7 @@ class RefiningReporter:
                  organ_extent_xyz: Sequence[int], spacing_xyz: Sequence[float], lesion_type: str) -> dict[str, list]:
         """The validated ``type.json`` dict from the LLM; measured attributes are kept as measured."""
         fixed: dict[str, Any] = {name: value for name, value in phrases.values.items() if name not in phrases.undecided}
-        fixed[CT_VALUE] = round(measurement.mean_hu)
+        fixed[CT_VALUE] = round(measurement.interior_mean_hu)
         fixed[SIZE] = tuple(measurement.size_vox)
         request = report_request(organ_id, lesion_type, organ_extent_xyz, spacing_xyz, measurement, fixed)
         return self.llm.generate(request)
