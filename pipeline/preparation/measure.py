@@ -119,7 +119,7 @@ def elongation(lesion: np.ndarray, spacing: Sequence[float]) -> float:
     """sqrt(largest / smallest eigenvalue) of the covariance of voxel positions in mm (a voxel's own extent
     included, so a one-voxel-thin lesion stays finite)."""
     positions = np.argwhere(lesion) * np.asarray(spacing)
-    covariance = np.cov(positions.T) if len(positions) > 1 else np.zeros((3, 3))
+    covariance = np.cov(positions.T, bias=True) if len(positions) > 1 else np.zeros((3, 3))
     covariance = covariance + np.diag(np.asarray(spacing, dtype=np.float64) ** 2 / 12.0)
     eigenvalues = np.linalg.eigvalsh(covariance)
     return float(math.sqrt(eigenvalues[-1] / eigenvalues[0]))
