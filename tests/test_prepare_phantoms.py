@@ -4,6 +4,7 @@ inputs stay untouched, bad cases fail alone with one line each, and ``data.yaml`
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,41 @@ def test_data_yaml_trains_the_demo_lmnet_through_main(prepared, tmp_path):
     assert state["global_step"] == 2
     saved = OmegaConf.load(next((tmp_path / "prepared" / "configs").glob("*-project.yaml")))
     assert saved.data.params.train.params.type_list == str(prepared["out"] / "train_type_list.txt")
+
+
+def test_an_msd_task_converted_by_nnunet_is_prepared(prepared, tmp_path):
+    """The README's path: an MSD task (its own layout and dataset.json) -> nnUNetv2_convert_MSD_dataset ->
+    prepare_dataset.py."""
+    converter = Path(sys.executable).parent / "nnUNetv2_convert_MSD_dataset"
+    if not converter.is_file():
+        pytest.skip("nnunetv2 (installed with TotalSegmentator) is not in this environment")
+    task = tmp_path / "Task03_Liver"
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (task / folder).mkdir(parents=True)
+    training = []
+    for number, case_id in enumerate(("hypo", "hyper")):
+        shutil.copy(prepared["dataset"] / "imagesTr" / f"{case_id}_0000.nii.gz", task / "imagesTr" / f"liver_{number}.nii.gz")
+        shutil.copy(prepared["dataset"] / "labelsTr" / f"{case_id}.nii.gz", task / "labelsTr" / f"liver_{number}.nii.gz")
+        training.append({"image": f"./imagesTr/liver_{number}.nii.gz", "label": f"./labelsTr/liver_{number}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "Liver", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"},
+        "numTraining": 2, "numTest": 0, "training": training, "test": []}))
+    raw = tmp_path / "nnUNet_raw"
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "results")}
+    result = subprocess.run([str(converter), "-i", str(task), "-np", "1"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    segs = tmp_path / "segs"
+    segs.mkdir()
+    for number, case_id in enumerate(("hypo", "hyper")):
+        shutil.copy(prepared["segs"] / f"{case_id}.nii.gz", segs / f"liver_{number}.nii.gz")
+    out = tmp_path / "out"
+    assert prepare_dataset.main([str(raw / "Dataset003_Liver"), str(out), "--organ", "liver", "--lesion-label", "2",
+                                 "--organ-label", "1", "--seg-dir", str(segs), "--spacing", "2", "--no-progress"]) == 0
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["options"]["lesion_type"] == "cancer"
+    for number, case_id in enumerate(("hypo", "hyper")):
+        case = report["cases"][number]
+        assert case["case_id"] == f"liver_{number}"
+        assert case["attributes"] == prepared["cases"][case_id]["attributes"]

@@ -4,6 +4,6 @@ Modules, in the order a case goes through them: ``source`` (the dataset: ``datas
 ``case`` (one case: standardised CT, 0/1/2 label, organ segmentations, report; timed, fingerprinted, skipped
 when done), ``measure`` (what the scan says about the lesion: size, HU, contrast, spread, shape, margin,
 position), ``phrases`` (measurements -> vocabulary phrases, with the thresholds), ``report`` (the ``type.json``,
-validated like the reporters' output; optional LLM refinement) and ``outputs`` (seeded split, aligned lists,
-``data*.yaml`` fragments, ``prepare_report.json``).
+validated like the reporters' output; optional LLM refinement), ``outputs`` (seeded split, aligned lists,
+``data*.yaml`` fragments, ``prepare_report.json``) and ``run`` (all cases in parallel, then the outputs).
 """

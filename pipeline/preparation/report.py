@@ -7,8 +7,8 @@ within the organ's extent), so a measured report is held to the same rules as an
 - :class:`MeasuredReporter` (``--reporter offline``, the default): the measured phrases, undecided ones with
   their fallback (:mod:`preparation.phrases`).
 - :class:`RefiningReporter` (``--reporter llm``): the measured values are given to the LLM as fixed attributes
-  (they always win), so the LLM only fills the attributes the image could not decide; its reply is validated and
-  retried by :class:`preprocessing.report_llm.LLMReporter`.
+  (they always win), so the LLM only fills the attributes the image could not decide (it is not asked when there
+  are none); its reply is validated and retried by :class:`preprocessing.report_llm.LLMReporter`.
 """
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ class RefiningReporter:
 
     def generate(self, organ_id: int, phrases: Phrases, measurement: LesionMeasurement,
                  organ_extent_xyz: Sequence[int], spacing_xyz: Sequence[float], lesion_type: str) -> dict[str, list]:
-        """The validated ``type.json`` dict from the LLM; measured attributes are kept as measured."""
+        """The validated ``type.json`` dict from the LLM; measured attributes are kept as measured. Without
+        undecided attributes the LLM is not asked."""
+        if not phrases.undecided:
+            return measured_report(organ_id, phrases, measurement, organ_extent_xyz, spacing_xyz, lesion_type)
         fixed: dict[str, Any] = {name: value for name, value in phrases.values.items() if name not in phrases.undecided}
         fixed[CT_VALUE] = round(measurement.interior_mean_hu)
         fixed[SIZE] = tuple(measurement.size_vox)
