@@ -9,7 +9,7 @@ import pytest
 from ldm.errors import ConfigError, DataError
 from preparation.measure import elongation, measure_lesion, solidity
 from preparation.outputs import fragment, split_cases
-from preparation.phrases import ISO_BAND_HU, measured_phrases
+from preparation.phrases import ISO_BAND_HU, ROUND_SOLIDITY, measured_phrases
 from preparation.source import read_dataset
 from preprocessing.vocabulary import canonical_value
 
@@ -44,6 +44,9 @@ def test_solidity_and_elongation_against_hand_counts():
     cube[1:, 1:, 1:] = False  # the hull of the remaining centres keeps (1,1,1) and the three (2,1,1)-like centres
     assert solidity(cube) == pytest.approx(19 / 23)
     assert solidity(np.ones((4, 4, 1), dtype=bool)) is None
+    quarter_cut = ball((41, 41, 41), (20, 20, 20), 18)
+    quarter_cut[20:, 20:, :] = False
+    assert 0.75 < solidity(quarter_cut) < ROUND_SOLIDITY
     assert elongation(ball((21, 21, 21), (10, 10, 10), 8), (1, 1, 1)) == pytest.approx(1.0, abs=0.02)
     rod = np.zeros((10, 10, 40), dtype=bool)
     rod[4:6, 4:6, :] = True

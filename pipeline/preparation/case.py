@@ -12,7 +12,9 @@ Outputs go to ``OUT/cases/<case>/``:
 - ``type.json``: the report of the **largest** lesion (face-connected component of the lesion labels). The
   format keys entries by organ, so several lesions of one organ cannot each have an entry, and training centres
   its crop on the largest component, which is then the one the text describes. Every component's size is
-  listed in ``prepare_report.json``;
+  listed in ``prepare_report.json``. The lesion is measured on the dataset's own grid (the CT's HU as scanned,
+  the label as drawn, the segmentation brought there by nearest neighbour); its ``size`` is its box on the
+  standardised grid;
 - ``prepare.json``: the fingerprint of the inputs and options, written last. A rerun skips a case whose
   fingerprint matches and whose outputs all exist.
 """
@@ -23,7 +25,7 @@ import hashlib
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +149,8 @@ def _organ_extent(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def _volumes(case: SourceCase, options: PrepareOptions, outputs: dict[str, Path], geometry: Geometry
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Write label and seg; returns ``(lesions, organ, coarseg)`` in file order on the CT's grid."""
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Write label and seg; returns ``(lesions, organ)`` in file order on the standardised CT's grid."""
     source = labels_on_grid(case.label, geometry)
     lesions = np.isin(source, options.lesion_labels)
     if not lesions.any():
@@ -168,24 +170,45 @@ def _volumes(case: SourceCase, options: PrepareOptions, outputs: dict[str, Path]
     write_file_grid(outputs["seg"], seg, geometry, np.uint8)
     label = np.where(lesions, LESION_VALUE, np.where(organ, ORGAN_VALUE, 0))
     write_file_grid(outputs["label"], label, geometry, np.uint8)
-    return lesions, organ, coarseg
+    return lesions, organ
+
+
+def _native_masks(case: SourceCase, options: PrepareOptions, coarseg_path: Path
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Geometry]:
+    """``(lesions, organ, v1 segmentation, geometry)`` on the dataset's own grid, in file order."""
+    geometry = read_geometry(case.image)
+    source = np.rint(np.asarray(file_order(case.label), dtype=np.float64))
+    lesions = np.isin(source, options.lesion_labels)
+    segmentation = labels_on_grid(coarseg_path, geometry)
+    if options.organ_labels:
+        organ = np.isin(source, options.organ_labels) & ~lesions
+    else:
+        organ = (segmentation == options.organ_id) & ~lesions
+    if not organ.any():
+        raise DataError(f"no {options.organ} voxel outside the lesions on the grid of {case.image}")
+    return lesions, organ, segmentation, geometry
 
 
 def _describe(case: SourceCase, options: PrepareOptions, reporter: Any, outputs: dict[str, Path],
-              geometry: Geometry, lesions: np.ndarray, organ: np.ndarray, coarseg: np.ndarray,
-              result: CaseResult) -> None:
-    """Measure the lesions, write the report of the largest one, fill the result."""
-    ct = load_nifti(outputs["image"]).get_fdata(dtype=np.float32)
-    spacing = tuple(float(s) for s in np.sqrt((geometry.affine[:3, :3] ** 2).sum(axis=0)))
+              geometry: Geometry, lesions: np.ndarray, organ: np.ndarray, result: CaseResult) -> None:
+    """Measure the largest lesion on the dataset's own grid (its size on the standardised one), write its
+    report, fill the result."""
     components, ranked, boxes = lesion_components(lesions)
     result.lesions = [{"voxels": int(np.count_nonzero(components[boxes[label - 1]] == label)),
                        "box_start_vox": [int(s.start) for s in boxes[label - 1]],
                        "size_vox": [int(s.stop - s.start) for s in boxes[label - 1]]} for label in ranked]
-    largest = components == ranked[0]
-    measurement = measure_lesion(ct, largest, lesions, organ, coarseg, options.organ_id, spacing, ISO_BAND_HU)
+    native_lesions, native_organ, segmentation, native = _native_masks(case, options, outputs["coarseg"])
+    native_components, native_ranked, _ = lesion_components(native_lesions)
+    ct = load_nifti(case.image).get_fdata(dtype=np.float32)
+    spacing = tuple(float(s) for s in np.sqrt((native.affine[:3, :3] ** 2).sum(axis=0)))
+    measured = measure_lesion(ct, native_components == native_ranked[0], native_lesions, native_organ,
+                              segmentation, options.organ_id, spacing, ISO_BAND_HU)
+    largest = result.lesions[0]
+    measurement = replace(measured, size_vox=tuple(largest["size_vox"]), box_start_vox=tuple(largest["box_start_vox"]))
     phrases = measured_phrases(measurement, options.organ_id)
     extent = _organ_extent(organ | lesions)
-    report = reporter.generate(options.organ_id, phrases, measurement, extent, spacing, options.lesion_type)
+    standard_spacing = tuple(float(s) for s in np.sqrt((geometry.affine[:3, :3] ** 2).sum(axis=0)))
+    report = reporter.generate(options.organ_id, phrases, measurement, extent, standard_spacing, options.lesion_type)
     write_json_atomic(outputs["type"], report)
     result.lesion = measurement.as_dict()
     result.undecided = phrases.undecided
@@ -205,9 +228,9 @@ def _run_steps(case: SourceCase, options: PrepareOptions, reporter: Any, segment
                                      options.seg_device)
     geometry = read_geometry(outputs["image"])
     with _step(result, "label"):
-        lesions, organ, coarseg = _volumes(case, options, outputs, geometry)
+        lesions, organ = _volumes(case, options, outputs, geometry)
     with _step(result, "report"):
-        _describe(case, options, reporter, outputs, geometry, lesions, organ, coarseg, result)
+        _describe(case, options, reporter, outputs, geometry, lesions, organ, result)
 
 
 def prepare_case(case: SourceCase, out_dir: Path, options: PrepareOptions, reporter: Any,

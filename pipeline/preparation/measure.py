@@ -1,9 +1,12 @@
 """What the scan says about one lesion: size, HU, contrast with its organ, spread, shape, margin and position.
 
-Arrays are in the standardised CT file's voxel order ``(X, Y, Z)`` (the axes the report's ``size`` counts along),
-``spacing`` is the voxel size in mm along those axes, HU are Hounsfield units. Definitions:
+Arrays are in a file's voxel order, ``spacing`` is the voxel size in mm along those axes, HU are Hounsfield
+units. ``prepare_dataset`` measures on the dataset's **own** grid (no interpolation of HU, no staircase from
+upsampling a coarse label: resampling would change the spread, the margin and the shape) and takes the size from
+the standardised grid. Definitions:
 
-- ``size_vox``: the lesion's bounding box, ``stop - start`` voxels per file axis (exactly the box LMNet crops);
+- ``size_vox``: the lesion's bounding box, ``stop - start`` voxels per file axis (on the standardised CT: exactly
+  the box LMNet crops);
 - ``mean_hu``/``std_hu``: over every lesion voxel; ``interior_mean_hu``/``interior_std_hu``: over the lesion
   eroded by one voxel (the rim mixes with the organ by partial volume, all the more after resampling a coarse
   scan to a finer ``--spacing``), the whole lesion when that leaves fewer than 10 voxels. The report's ``CT
@@ -23,7 +26,7 @@ Arrays are in the standardised CT file's voxel order ``(X, Y, Z)`` (the axes the
   contrast is too small to tell);
 - ``shell_in_organ``: fraction of the lesion's outer face-neighbour shell inside the organ or another lesion
   (:func:`ldm.data.attributes.shell_fraction_in_organ`); ``lumen_fraction``: lesion voxels in the organ's lumen
-  (the organ with its lesions, eroded :data:`preprocessing.bbox.LUMEN_EROSIONS` times);
+  (farther than :data:`LUMEN_MM` inside the organ with its lesions: ``preprocess.py``'s 5-voxel wall at 1 mm);
 - ``nearest_other_organ_mm``: distance to the closest voxel of another segmented structure (None beyond
   :data:`ADJACENT_SEARCH_MM`); ``aorta_hu``: mean HU of the aorta of the segmentation (None when absent).
 """
@@ -35,20 +38,22 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, Delaunay, QhullError
+from scipy.spatial import ConvexHull, QhullError
 
 from ldm.data.attributes import shell_fraction_in_organ
 from ldm.data.crops import FACE_CONNECTIVITY, mask_bbox
+from ldm.data.synthetic_geometry import distance_inside
 from ldm.errors import DataError
-from preprocessing.bbox import LUMEN_EROSIONS
 from preprocessing.case import AORTA_V1_ID, MIN_AORTA_VOXELS
 
 SHELL_MM = 10.0
+LUMEN_MM = 5.0
 MIN_VOXELS = 10
 ADJACENT_SEARCH_MM = 20.0
 MAD_TO_STD = 1.4826
 TAIL_STDS = 2.0
-HULL_CHUNK = 200_000
+HULL_CHUNK = 20_000_000
+SOLIDITY_MAX_VOXELS = 1_000_000
 
 
 @dataclass
@@ -98,21 +103,37 @@ def lesion_components(lesions: np.ndarray) -> tuple[np.ndarray, list[int], list[
     return components, ranked, ndimage.find_objects(components)
 
 
+def _centres_in_hull(equations: np.ndarray, shape: Sequence[int]) -> int:
+    """Number of voxel centres of a ``shape`` grid inside the convex hull given by qhull's facet ``equations``
+    (``normal . p + offset <= 0`` inside), counted exactly column by column along the last axis."""
+    columns = np.indices(shape[:2]).reshape(2, -1).T.astype(np.float64)
+    normal_k, tol = equations[:, 2], 1e-9
+    upper_facets, lower_facets = normal_k > tol, normal_k < -tol
+    flat = ~(upper_facets | lower_facets)
+    inside = 0
+    for chunk in np.array_split(columns, max(1, len(columns) * len(equations) // HULL_CHUNK)):
+        rest = -(chunk @ equations[:, :2].T + equations[:, 3])  # normal_k * k <= rest for every facet
+        upper = np.min(rest[:, upper_facets] / normal_k[upper_facets], axis=1, initial=shape[2] - 1)
+        lower = np.max(rest[:, lower_facets] / normal_k[lower_facets], axis=1, initial=0)
+        allowed = np.all(rest[:, flat] >= -tol, axis=1)
+        counts = np.floor(np.minimum(upper, shape[2] - 1) + tol) - np.ceil(np.maximum(lower, 0) - tol) + 1
+        inside += int(np.sum(np.where(allowed, np.maximum(counts, 0), 0)))
+    return inside
+
+
 def solidity(lesion: np.ndarray) -> float | None:
     """Lesion voxels / voxels whose centre lies in the convex hull of the lesion's voxel centres (1 for a
-    digitally convex lesion, whatever its size; lower when lobulated); None for a flat or tiny lesion."""
-    box = mask_bbox(lesion)
-    local = lesion[box]
+    digitally convex lesion, whatever its size; lower when lobulated); None for a flat or tiny lesion. A lesion
+    whose box exceeds :data:`SOLIDITY_MAX_VOXELS` is measured on every n-th voxel (a ratio, it hardly changes)."""
+    local = lesion[mask_bbox(lesion)]
+    stride = max(1, int(math.ceil((local.size / SOLIDITY_MAX_VOXELS) ** (1.0 / 3.0))))
+    local = local[::stride, ::stride, ::stride]
     surface = local & ~ndimage.binary_erosion(local, FACE_CONNECTIVITY)
     try:
         hull = ConvexHull(np.argwhere(surface).astype(np.float64))
-        simplices = Delaunay(hull.points[hull.vertices])
     except (QhullError, ValueError):
         return None
-    grid = np.indices(local.shape).reshape(3, -1).T
-    inside = sum(int(np.count_nonzero(simplices.find_simplex(chunk, tol=1e-9) >= 0))
-                 for chunk in np.array_split(grid, max(1, len(grid) // HULL_CHUNK)))
-    return float(local.sum() / max(inside, 1))
+    return float(local.sum() / max(_centres_in_hull(hull.equations, local.shape), 1))
 
 
 def elongation(lesion: np.ndarray, spacing: Sequence[float]) -> float:
@@ -186,9 +207,9 @@ def measure_lesion(ct: np.ndarray, lesion: np.ndarray, lesions: np.ndarray, orga
     interior_mean = float(interior_values.mean())
     tail = TAIL_STDS * max(noise, 1.0)
     with_lesions = organ | lesions
-    # Erosion reaches LUMEN_EROSIONS voxels: a window that much wider than the lesion gives the exact lumen there.
-    lumen_window = grown(box, [LUMEN_EROSIONS + 1] * 3, lesion.shape)
-    lumen = ndimage.binary_erosion(with_lesions[lumen_window], FACE_CONNECTIVITY, iterations=LUMEN_EROSIONS)
+    # Depths up to LUMEN_MM only need a window that much wider than the lesion.
+    lumen_window = grown(box, [int(math.ceil(LUMEN_MM / s)) + 1 for s in spacing], lesion.shape)
+    lumen = distance_inside(with_lesions[lumen_window], spacing) > LUMEN_MM
     others = (segmentation != 0) & (segmentation != organ_id) & ~with_lesions
     voxel_mm3 = float(np.prod(spacing))
     voxels = int(local.sum())

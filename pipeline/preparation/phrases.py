@@ -20,7 +20,7 @@ specific features                 heterogeneous lesions: ``presence of decreased
                                   alone cannot tell spiculation or fluid retention)
 shape                             hollow organ: ``protrusion into the lumen`` (lesion in the lumen) or
                                   ``irregular wall thickening``; equivalent diameter below
-                                  ``NODULAR_MM`` (6 mm): ``nodular``; solidity >= ``ROUND_SOLIDITY`` (0.8) and
+                                  ``NODULAR_MM`` (6 mm): ``nodular``; solidity >= ``ROUND_SOLIDITY`` (0.85) and
                                   elongation <= ``ROUND_ELONGATION`` (2): ``round-like``, else ``irregular``
 surface characteristics           margin leak < ``SHARP_LEAK`` (0.4): well-defined, else ill-defined, in the
                                   organ's words (kidney: boundary with the renal parenchyma; hollow organs:
@@ -52,7 +52,7 @@ HETEROGENEOUS_RATIO = 1.5
 HETEROGENEOUS_MIN_HU = 5.0
 TAIL_FRACTION = 0.08
 NODULAR_MM = 6.0
-ROUND_SOLIDITY = 0.8
+ROUND_SOLIDITY = 0.85
 ROUND_ELONGATION = 2.0
 SHARP_LEAK = 0.4
 ADJACENT_MM = 5.0
