@@ -91,7 +91,8 @@ def test_rerun_after_an_interrupted_run_redoes_only_the_missing_cases(setup, tmp
     config = OmegaConf.load(configs["lmnet"])
     config.inference.exp_dir = str(exp_dir)
     options = parse_options(config.inference, "lmnet")
-    journal = CaseJournal.for_run(exp_dir, "lmnet", run_fingerprint(OmegaConf.to_container(config.model), asdict(options)))
+    fingerprint = run_fingerprint(OmegaConf.to_container(config.model), asdict(options))
+    journal = CaseJournal.for_run(exp_dir, "lmnet", fingerprint)
     cases = read_cases(exp_dir, dict(options.lists))
     # An interrupted run: the first two cases were done and recorded, then the process died.
     interrupted = run_stage(load_model(config), "lmnet", cases[:2], options, journal=journal)

@@ -99,8 +99,9 @@ def launch_placement(rank: int, world: int, local_rank: int, visible_gpus: int, 
     own (one visible), else on the CPU; the VQ stays on that device or goes to the CPU."""
     if device == "auto" and visible_gpus > 0:
         if visible_gpus > 1 and local_rank >= visible_gpus:
-            raise ConfigError(f"local rank {local_rank}: only {visible_gpus} GPU(s) visible on this node; start at most "
-                              f"{visible_gpus} processes per node (torchrun --nproc-per-node, srun --ntasks-per-node)")
+            raise ConfigError(f"local rank {local_rank}: only {visible_gpus} GPU(s) visible on this node; start at "
+                              f"most {visible_gpus} processes per node (torchrun --nproc-per-node, srun "
+                              "--ntasks-per-node)")
         sampling = f"cuda:{local_rank if visible_gpus > 1 else 0}"
     else:
         sampling = default_device(device, visible_gpus)

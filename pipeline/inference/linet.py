@@ -203,7 +203,8 @@ def inpaint_cases(model: InpaintingDiffusion, cases: Sequence[CaseSpec], options
     """Run LINet on ``cases`` (in order) with ``model`` (eval mode; VQ on its own device); one result per case.
 
     ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps;
-    ``on_result``: called as each case finishes; ``options.batch_size`` > 1 batches cases (:mod:`inference.batching`)."""
+    ``on_result``: called as each case finishes; with ``options.batch_size`` > 1 cases share UNet batches
+    (:mod:`inference.batching`)."""
     check_inpainting_model(model, options)
     precision = autocast_dtype(model.device, options.precision)
     return run_cases(lambda unet, case: inpaint_case(unet, case, options, precision, debug, step_progress), model,

@@ -1,8 +1,9 @@
 """All cases of a run: parallel workers, the aligned output lists and ``preprocess_report.json``.
 
-Cases run in a thread pool (``workers``), and over several processes or nodes under torchrun or srun; numpy/scipy, file I/O and LLM calls release the GIL, and all cases
+Cases run in a thread pool (``workers``); numpy/scipy, file I/O and LLM calls release the GIL, and all cases
 share one LLM client. TotalSegmentator is heavy (a GPU or several CPU cores and GBs of memory per run), so at
-most ``segmentation_workers`` segmentations run at a time (default 1) whatever ``workers`` is.
+most ``segmentation_workers`` segmentations run at a time (default 1) whatever ``workers`` is. Under torchrun or
+srun the cases are shared out over the processes (:func:`preprocess`).
 
 ``exp/{img,seg,type,bbox}_list.txt`` hold, row by row in the order of the input list, the outputs of the cases
 that succeeded (done now or skipped as already done); paths are relative to ``exp/`` (list entries resolve
