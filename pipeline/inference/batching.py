@@ -9,7 +9,8 @@ equal one-by-one sampling up to fp32 rounding (batched convolutions add up in an
 
 Lesions of one case stay one after the other: a later box depends on the earlier ones (LMNet keeps a voxel away
 from them, LINet crops the CT as inpainted so far). A batch that raises (e.g. CUDA out of memory) is retried item
-by item, so an error lands on the case that caused it. On CUDA with ``batch_memory_mb`` the first batch of each
+by item, so an error lands on the case that caused it. The threads take turns with LINet's VQ (its tiled passes
+patch its GroupNorm layers). On CUDA with ``batch_memory_mb`` the first batch of each
 shape runs one item and its measured peak memory sets how many items fit in the budget.
 """
 from __future__ import annotations
@@ -29,6 +30,9 @@ from inference.options import InferenceOptions
 from inference.results import CaseResult
 
 MEBIBYTE = 2**20
+# The VQ of LINet: its tiled passes swap the GroupNorm layers' forward for whole-volume statistics, so two
+# threads must not run it at once.
+SERIALISED_MODULE = "first_stage_model"
 
 
 @dataclass
@@ -81,10 +85,14 @@ class BatchingModel:
         self._active = 0
         self._running = False
         self._fitting: dict[tuple, int] = {}
+        self._serial_lock = threading.Lock()
         self.batch_sizes: list[int] = []
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+        value = getattr(self._model, name)
+        if name == SERIALISED_MODULE and value is not None:
+            return Serialised(value, self._serial_lock)
+        return value
 
     def case(self) -> "_CaseScope":
         """Context manager around the work of one case (sampling waits for every case inside one)."""
@@ -181,6 +189,24 @@ class BatchingModel:
         device_type = self._model.device.type
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled):
             return self._model.sample(*positional, **named, **first.settings, generator=generators)
+
+
+class Serialised:
+    """A module whose methods run one call at a time (under ``lock``); other attributes are the module's."""
+
+    def __init__(self, module: torch.nn.Module, lock: threading.Lock):
+        self._module, self._lock = module, lock
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if not callable(value):
+            return value
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
 
 
 class _CaseScope:
