@@ -16,7 +16,9 @@ from test_inference_fixtures import inference_config, phantom_dataset, phantom_e
 
 from ldm.data.volume import read_volume
 from inference.cases import read_cases
-from inference.distributed import Launch, detect_launch, shard
+from ldm.errors import ConfigError
+from inference.devices import Placement, launch_placement
+from inference.distributed import Launch, detect_launch, process_group, shard
 from inference.journal import CaseJournal, run_fingerprint
 from inference.options import parse_options
 from inference.runner import load_model, run_inference, run_stage
@@ -36,6 +38,19 @@ def test_launch_from_torchrun_and_slurm_variables():
     step = detect_launch({"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2"})
     assert (step.world, step.is_main, step.distributed) == (2, False, True)
     assert shard(list("abcde"), Launch(1, 2)) == ["b", "d"]
+
+
+def test_each_launched_process_samples_on_the_gpu_of_its_local_rank():
+    assert launch_placement(5, 8, 2, 4, "same") == Placement(5, 8, "cuda:2", "cuda:2")
+    assert launch_placement(5, 8, 2, 1, "cpu") == Placement(5, 8, "cuda:0", "cpu")   # one GPU given per process
+    assert launch_placement(1, 2, 1, 0, "same") == Placement(1, 2, "cpu", "cpu")
+    with pytest.raises(ConfigError, match="local rank 3: only 2 GPU"):
+        launch_placement(3, 4, 3, 2, "same")
+    with pytest.raises(ConfigError, match="neighbour"):
+        launch_placement(0, 2, 0, 4, "neighbour")
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        with process_group(Launch(1, 2, 1, "slurm"), environ={}):
+            pass
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ and the files the run writes besides the per-case outputs.
 The stage follows the model class (``MaskDiffusion`` -> LMNet, ``InpaintingDiffusion`` -> LINet). With several
 placements (``--gpus 0,2``) each runs in its own spawned process on the cases ``rank::world``; results come back
 to this process, which writes ``<exp>/label_list.txt`` (LMNet: one row per case of ``img_list.txt``, what LINet
-reads next) and ``<exp>/<stage>_report.json`` (options and, per case, outputs, lesions, seeds, errors).
+reads next) and ``<exp>/<stage>_report.json`` (options and, per case, outputs, lesions, seeds, errors). Under
+torchrun or srun each process runs its share and rank 0 writes those files (:mod:`inference.distributed`).
 """
 from __future__ import annotations
 
