@@ -10,16 +10,17 @@ equal one-by-one sampling up to fp32 rounding (batched convolutions add up in an
 Lesions of one case stay one after the other: a later box depends on the earlier ones (LMNet keeps a voxel away
 from them, LINet crops the CT as inpainted so far). A batch that raises (e.g. CUDA out of memory) is retried item
 by item, so an error lands on the case that caused it. The threads take turns with LINet's VQ (its tiled passes
-patch its GroupNorm layers). On CUDA with ``batch_memory_mb`` the first batch of each
-shape runs one item and its measured peak memory sets how many items fit in the budget.
+patch its GroupNorm layers). On CUDA with ``batch_memory_mb`` the first batch of each shape runs one item and its
+measured peak memory sets how many items fit in the budget.
 """
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -94,9 +95,17 @@ class BatchingModel:
             return Serialised(value, self._serial_lock)
         return value
 
-    def case(self) -> "_CaseScope":
-        """Context manager around the work of one case (sampling waits for every case inside one)."""
-        return _CaseScope(self)
+    @contextmanager
+    def case(self) -> Iterator[None]:
+        """Around the work of one case: sampling waits for every case inside such a block."""
+        with self._condition:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._active -= 1
+            self._flush_when_all_wait()
 
     def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``model.sample`` for one item, run as part of a batch; returns the item's sample ``[1, ...]``."""
@@ -110,15 +119,6 @@ class BatchingModel:
         if request.error is not None:
             raise request.error
         return request.result
-
-    def _enter(self) -> None:
-        with self._condition:
-            self._active += 1
-
-    def _leave(self) -> None:
-        with self._condition:
-            self._active -= 1
-        self._flush_when_all_wait()
 
     def _flush_when_all_wait(self) -> None:
         # One request per waiting case: when there are as many as cases in flight, nobody else will ask.
@@ -207,17 +207,6 @@ class Serialised:
                 return value(*args, **kwargs)
 
         return locked
-
-
-class _CaseScope:
-    def __init__(self, batching: BatchingModel):
-        self._batching = batching
-
-    def __enter__(self) -> None:
-        self._batching._enter()
-
-    def __exit__(self, *exc_info) -> None:
-        self._batching._leave()
 
 
 def run_cases(process: Callable[[Any, CaseSpec], CaseResult], model: torch.nn.Module, cases: Sequence[CaseSpec],
