@@ -1,6 +1,7 @@
-"""Per-lesion sampling time of LMNet and LINet, and peak memory of tiled versus untiled VQ decoding.
+"""Per-lesion sampling time of LMNet and LINet, batched versus one by one, and peak memory of tiled versus untiled
+VQ decoding.
 
-    .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2]
+    .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2] [--batch 4]
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml]
         [--vq-config configs/demo/vq.yaml] [--vq-size 256]
 
@@ -87,6 +88,40 @@ def bench_linet(config: str, steps: int, device) -> dict:
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
+def bench_batching(stage: str, config: str, steps: int, batch: int, device, repeats: int = 2) -> dict:
+    """UNet sampling of ``batch`` lesions one by one and as one batch (per-lesion generators), interleaved; the
+    minimum of ``repeats`` per lesion, and the largest difference between the two results."""
+    import torch
+
+    model, inference = build(config, device, drop_checkpoints=False)
+    crop = inference.get("crop_size", [64, 152, 152] if stage == "lmnet" else [128, 128, 128])
+    shape = crop if stage == "lmnet" else [size // model.first_stage_model.downsample_factor for size in crop]
+    inputs = [torch.rand(batch, 3, *shape).round().to(device)] if stage == "lmnet" else \
+        [torch.randn(batch, model.channels, *shape).to(device), torch.zeros(batch, 1, *shape).to(device)]
+    if stage == "linet":
+        inputs[1][:, :, shape[0] // 3: -shape[0] // 3, shape[1] // 3: -shape[1] // 3, shape[2] // 3: -shape[2] // 3] = 1
+    context = model.encode_context([{"lesion location": "liver", "shape": "round-like,"}] * batch)
+
+    def generators():
+        return [torch.Generator().manual_seed(seed) for seed in range(batch)]
+
+    times = {"one_by_one": [], "batched": []}
+    for _ in range(repeats):
+        synchronise(device)
+        start = time.perf_counter()
+        alone = torch.cat([model.sample(*[x[i:i + 1] for x in inputs], context[i:i + 1], steps=steps,
+                                        generator=generators()[i]) for i in range(batch)])
+        synchronise(device)
+        times["one_by_one"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        together = model.sample(*inputs, context, steps=steps, generator=generators())
+        synchronise(device)
+        times["batched"].append(time.perf_counter() - start)
+    per_lesion = {f"{name}_seconds_per_lesion": round(min(values) / batch, 3) for name, values in times.items()}
+    return {"crop": crop, **per_lesion,
+            "max_abs_difference": float((alone - together).abs().max())}
+
+
 def bench_vq_decode(config: str, size: int, tiled: bool, tile: int, overlap: int, device) -> dict:
     import torch
     from omegaconf import OmegaConf
@@ -119,6 +154,8 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
         result = bench_lmnet(case["config"], case["steps"], device)
     elif kind == "linet":
         result = bench_linet(case["config"], case["steps"], device)
+    elif kind == "batching":
+        result = bench_batching(case["stage"], case["config"], case["steps"], case["batch"], device)
     else:
         result = bench_vq_decode(case["config"], case["size"], case["tiled"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
@@ -135,7 +172,8 @@ def main() -> None:
     parser.add_argument("--vq-size", type=int, default=256, help="edge of the decoded cube (voxels)")
     parser.add_argument("--vq-tile", type=int, nargs=2, default=[96, 48], metavar=("TILE", "OVERLAP"),
                         help="latent tile and overlap of the tiled decode (the inference defaults)")
-    parser.add_argument("--only", choices=["lmnet", "linet", "vq"])
+    parser.add_argument("--batch", type=int, default=4, help="lesions per UNet batch in the batching comparison")
+    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -143,6 +181,8 @@ def main() -> None:
         return
     cases = [{"kind": "lmnet", "config": args.lmnet_config, "steps": s} for s in args.steps]
     cases += [{"kind": "linet", "config": args.linet_config, "steps": s} for s in args.steps]
+    cases += [{"kind": "batching", "stage": stage, "config": config, "steps": args.steps[0], "batch": args.batch}
+              for stage, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))]
     cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "tiled": tiled, "tile": args.vq_tile[0],
                "overlap": args.vq_tile[1]} for tiled in (False, True)]
     for case in cases:

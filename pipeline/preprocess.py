@@ -6,18 +6,24 @@
 at least ``"organ type"`` and ``"lesion type"``. Writes ``exp_name/{img,seg,type,bbox}_list.txt`` (aligned, in
 input order, successful cases only), a folder per case and ``exp_name/preprocess_report.json``. Exit code 1
 when any case failed (each named in the summary), 0 otherwise. Paths on the command line resolve against the
-current directory.
+current directory. Under ``torchrun`` or ``srun`` every process takes its share of the CTs and rank 0 writes the
+lists and the report (README, 'Inference', several processes).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ldm.cli import one_line_warnings
 from ldm.errors import ConfigError, LesionDiffusionError
 from ldm.util import resolve_path
+
+if TYPE_CHECKING:
+    from inference.distributed import Launch
 
 DEFAULT_SPACING_MM = 1.0
 
@@ -101,11 +107,22 @@ def _print_summary(results, exp_dir: Path, debug: bool) -> None:
             print(f"FAILED case {result.case_id} ({result.inputs['ct']}): {result.error}", file=sys.stderr)
 
 
+def process_seg_device(seg_device: str, launch: Launch) -> str:
+    """TotalSegmentator's device in this process: under torchrun/srun ``auto`` is the GPU of the local rank (or
+    the only visible one), so the processes of a node do not all segment on GPU 0."""
+    import torch
+
+    if not launch.distributed or seg_device != "auto" or not torch.cuda.is_available():
+        return seg_device
+    return f"gpu:{launch.local_rank if torch.cuda.device_count() > 1 else 0}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments; returns the exit code."""
     from preprocessing.cases import preprocess
     from preprocessing.inputs import read_cases
     from preprocessing.segment import check_weights, disable_telemetry, resolve_device
+    from inference.distributed import detect_launch
 
     options = _options(args)
     cwd = Path.cwd()
@@ -117,8 +134,12 @@ def run(args: argparse.Namespace) -> int:
         resolve_device(options.seg_device)
         check_weights(options.seg_task, options.seg_fast)
         disable_telemetry()
-    results = preprocess(cases, exp_dir, options, reporter, args.workers, args.seg_workers, not args.no_progress)
-    _print_summary(results, exp_dir, args.debug)
+    launch = detect_launch()
+    options = replace(options, seg_device=process_seg_device(options.seg_device, launch))
+    results = preprocess(cases, exp_dir, options, reporter, args.workers, args.seg_workers,
+                         not args.no_progress and launch.local_rank == 0, launch)
+    if launch.is_main:  # the other ranks' results are in rank 0's summary
+        _print_summary(results, exp_dir, args.debug)
     return 1 if any(result.status == "failed" for result in results) else 0
 
 

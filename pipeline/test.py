@@ -3,6 +3,7 @@
     python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp      # -> <case>/samples_<k>
     python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp    # -> <case>/inpainting_<k>
     python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2 --steps 50
+    torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
 
 ``exp`` is the folder ``preprocess.py`` wrote. The LMNet run also writes ``exp/label_list.txt``, which the LINet
 run reads: no list needs editing. Exit status 1 when any case failed (each named with the reason). See

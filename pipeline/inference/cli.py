@@ -19,6 +19,7 @@ FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "ddim_steps", "eta": "et
 EPILOG = """examples:
   python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
   python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2
+  torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
   python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp inference.ddim_steps=20
 Config paths resolve against pipeline/ when relative and not found from the current directory."""
 
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             raise
         print(f"test.py: error: {error}", file=sys.stderr)
         return 1
+    if not outcome.main:  # ranks > 0 of torchrun/srun: rank 0 prints the merged summary
+        return 1 if outcome.failed else 0
     for line in summary_lines(outcome.results, outcome.stage):
         print(line)
     for dropped in outcome.dropped:

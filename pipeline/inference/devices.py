@@ -2,7 +2,8 @@
 
 Every decision is a pure function of the requested GPU ids and the visible GPU count, so it is tested without
 GPUs. One process per sampling device; with ``--gpus 0,2`` rank 0 samples on ``cuda:0`` and rank 1 on ``cuda:2``,
-each handling the cases ``rank, rank + world, ...``.
+each handling the cases ``rank, rank + world, ...``. Under torchrun or srun every process is one rank of the
+launcher's world and samples on the GPU of its local rank (:func:`launch_placement`).
 
 ``vq_device`` (LINet): ``same`` keeps the VQ on the sampling device (tiled decoding bounds its memory), ``cpu``
 moves it to the CPU, ``neighbour`` gives every rank the next visible GPU after its own that no rank samples on and
@@ -88,6 +89,26 @@ def plan_placements(gpus: Sequence[int], visible_gpus: int, vq_device: str, devi
         raise ConfigError(f"inference.vq_device {vq_device!r}: expected same, neighbour or cpu")
     return [Placement(rank, len(sampling), device_name, vq_name)
             for rank, (device_name, vq_name) in enumerate(zip(sampling, vq))]
+
+
+def launch_placement(rank: int, world: int, local_rank: int, visible_gpus: int, vq_device: str,
+                     device: str = "auto") -> Placement:
+    """The placement of process ``rank`` of ``world`` started by torchrun or srun (:mod:`inference.distributed`).
+
+    ``auto`` samples on ``cuda:<local_rank>``, or on ``cuda:0`` when the launcher gives each process one GPU of its
+    own (one visible), else on the CPU; the VQ stays on that device or goes to the CPU."""
+    if device == "auto" and visible_gpus > 0:
+        if visible_gpus > 1 and local_rank >= visible_gpus:
+            raise ConfigError(f"local rank {local_rank}: only {visible_gpus} GPU(s) visible on this node; start at "
+                              f"most {visible_gpus} processes per node (torchrun --nproc-per-node, srun "
+                              "--ntasks-per-node)")
+        sampling = f"cuda:{local_rank if visible_gpus > 1 else 0}"
+    else:
+        sampling = default_device(device, visible_gpus)
+    if vq_device not in ("same", "cpu"):
+        raise ConfigError(f"inference.vq_device {vq_device!r}: under torchrun or srun use same or cpu (neighbour "
+                          "pairs GPUs of one --gpus process group)")
+    return Placement(rank, world, sampling, sampling if vq_device == "same" else "cpu")
 
 
 def autocast_dtype(device: str | torch.device, precision: str) -> torch.dtype | None:

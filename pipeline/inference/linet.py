@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,9 @@ from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.util import make_generator
+from inference.batching import run_cases
 from inference.cases import CaseSpec, output_path
-from inference.common import case_grid, check_crop, process_cases, unet_factor
+from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
 from inference.options import InferenceOptions
 from inference.paste import output_dtype, paste_generated, working_dtype
@@ -197,11 +198,14 @@ def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceO
 
 
 def inpaint_cases(model: InpaintingDiffusion, cases: Sequence[CaseSpec], options: InferenceOptions,
-                  debug: bool = False, position: int = 0, step_progress: bool = False) -> list[CaseResult]:
+                  debug: bool = False, position: int = 0, step_progress: bool = False,
+                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
     """Run LINet on ``cases`` (in order) with ``model`` (eval mode; VQ on its own device); one result per case.
 
-    ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps."""
+    ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps;
+    ``on_result``: called as each case finishes; with ``options.batch_size`` > 1 cases share UNet batches
+    (:mod:`inference.batching`)."""
     check_inpainting_model(model, options)
     precision = autocast_dtype(model.device, options.precision)
-    return process_cases(lambda case: inpaint_case(model, case, options, precision, debug, step_progress), cases,
-                         "LINet", options.progress, position)
+    return run_cases(lambda unet, case: inpaint_case(unet, case, options, precision, debug, step_progress), model,
+                     cases, options, "LINet", position, on_result)

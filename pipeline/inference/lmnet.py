@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.util import make_generator
+from inference.batching import run_cases
 from inference.cases import CaseSpec, output_path
-from inference.common import case_grid, check_crop, process_cases, unet_factor
+from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
 from inference.options import InferenceOptions
 from inference.plan import Component, lesion_seed, plan_components
@@ -169,14 +170,17 @@ def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
 
 
 def sample_masks(model: MaskDiffusion, cases: Sequence[CaseSpec], options: InferenceOptions,
-                 debug: bool = False, position: int = 0, step_progress: bool = False) -> list[CaseResult]:
+                 debug: bool = False, position: int = 0, step_progress: bool = False,
+                 on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
     """Run LMNet on ``cases`` (in order) with ``model`` (eval mode, on its device); returns one result per case.
 
-    ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps."""
+    ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps;
+    ``on_result``: called as each case finishes; with ``options.batch_size`` > 1 cases share UNet batches
+    (:mod:`inference.batching`)."""
     check_mask_model(model, options)
     precision = autocast_dtype(model.device, options.precision)
-    return process_cases(lambda case: sample_case(model, case, options, precision, debug, step_progress), cases,
-                         "LMNet", options.progress, position)
+    return run_cases(lambda unet, case: sample_case(unet, case, options, precision, debug, step_progress), model,
+                     cases, options, "LMNet", position, on_result)
 
 
 def label_list_entries(results: Sequence[CaseResult], cases: Sequence[CaseSpec],

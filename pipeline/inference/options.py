@@ -59,6 +59,8 @@ class InferenceOptions:
     overwrite: bool = False
     preview: bool = True
     progress: bool = True
+    batch_size: int = 1
+    batch_memory_mb: float = 0.0
     # LMNet
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     fill_target: str = "ellipsoid"
@@ -102,9 +104,9 @@ def check(options: InferenceOptions) -> InferenceOptions:
         _choice(options, key, allowed)
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
                          ("dilate_voxels", 0), ("feather_voxels", 0), ("vq_tile", 2), ("vq_tile_overlap", 0),
-                         ("seed", 0)):
+                         ("seed", 0), ("batch_size", 1)):
         _at_least(options, key, minimum, int)
-    for key in ("eta", "min_fill", "hu_tolerance"):
+    for key in ("eta", "min_fill", "hu_tolerance", "batch_memory_mb"):
         _at_least(options, key, 0.0)
     for key in ("use_ema", "overwrite", "preview", "progress", "fill_holes", "match_surroundings", "quality_gate"):
         if not isinstance(getattr(options, key), bool):

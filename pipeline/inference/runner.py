@@ -4,7 +4,8 @@ and the files the run writes besides the per-case outputs.
 The stage follows the model class (``MaskDiffusion`` -> LMNet, ``InpaintingDiffusion`` -> LINet). With several
 placements (``--gpus 0,2``) each runs in its own spawned process on the cases ``rank::world``; results come back
 to this process, which writes ``<exp>/label_list.txt`` (LMNet: one row per case of ``img_list.txt``, what LINet
-reads next) and ``<exp>/<stage>_report.json`` (options and, per case, outputs, lesions, seeds, errors).
+reads next) and ``<exp>/<stage>_report.json`` (options and, per case, outputs, lesions, seeds, errors). Under
+torchrun or srun each process runs its share and rank 0 writes those files (:mod:`inference.distributed`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.util import get_obj_from_str, instantiate_from_config
 from inference.cases import CaseSpec, read_cases, write_list
-from inference.devices import Placement, plan_placements, visible_gpu_count
+from inference.devices import Placement, launch_placement, plan_placements, visible_gpu_count
+from inference.distributed import broadcast_from_main, detect_launch, gather_to_main, process_group
+from inference.journal import CaseJournal, run_fingerprint
 from inference.lmnet import label_list_entries, sample_masks
 from inference.linet import inpaint_cases
 from inference.options import InferenceOptions, parse_options
@@ -44,6 +47,7 @@ class RunOutcome:
     report_path: Path
     label_list: Path | None = None
     dropped: list = field(default_factory=list)
+    main: bool = True  # False on the ranks > 0 of torchrun/srun: their results are in rank 0's outcome
 
     @property
     def failed(self) -> list[CaseResult]:
@@ -89,14 +93,16 @@ def load_model(config: DictConfig, device: str | torch.device = "cpu",
 
 
 def run_stage(model: torch.nn.Module, stage: str, cases: Sequence[CaseSpec], options: InferenceOptions,
-              debug: bool = False, position: int = 0, step_progress: bool = False) -> list[CaseResult]:
-    """Run one stage on ``cases`` with a loaded model; one result per case."""
+              debug: bool = False, position: int = 0, step_progress: bool = False,
+              journal: CaseJournal | None = None) -> list[CaseResult]:
+    """Run one stage on ``cases`` with a loaded model; one result per case, each recorded in ``journal``."""
     run = sample_masks if stage == "lmnet" else inpaint_cases
-    return run(model, cases, options, debug=debug, position=position, step_progress=step_progress)
+    return run(model, cases, options, debug=debug, position=position, step_progress=step_progress,
+               on_result=None if journal is None else journal.record)
 
 
 def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Sequence[CaseSpec],
-              options: InferenceOptions, debug: bool = False) -> list[CaseResult]:
+              options: InferenceOptions, debug: bool = False, journal: CaseJournal | None = None) -> list[CaseResult]:
     """Load the model on ``placement`` and run the cases ``rank::world`` of ``cases``."""
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
@@ -106,13 +112,13 @@ def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Seque
     shard = list(cases)[placement.rank::placement.world]
     # Step bars of several processes would overwrite each other's lines: only a single process shows them.
     return run_stage(model, stage, shard, options, debug, position=placement.rank,
-                     step_progress=options.progress and placement.world == 1)
+                     step_progress=options.progress and placement.world == 1, journal=journal)
 
 
 def _worker(config: dict, stage: str, placement: Placement, cases: list[CaseSpec], options: InferenceOptions,
-            debug: bool, queue) -> None:
+            debug: bool, queue, journal: CaseJournal | None = None) -> None:
     try:
-        results = run_shard(OmegaConf.create(config), stage, placement, cases, options, debug)
+        results = run_shard(OmegaConf.create(config), stage, placement, cases, options, debug, journal)
         queue.put((placement.rank, "ok", results))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
         message = str(error) if isinstance(error, LesionDiffusionError) else traceback.format_exc()
@@ -121,12 +127,13 @@ def _worker(config: dict, stage: str, placement: Placement, cases: list[CaseSpec
 
 
 def run_spawned(config: DictConfig, stage: str, placements: Sequence[Placement], cases: Sequence[CaseSpec],
-                options: InferenceOptions, debug: bool = False) -> list[CaseResult]:
+                options: InferenceOptions, debug: bool = False, journal: CaseJournal | None = None) -> list[CaseResult]:
     """Run every placement in its own spawned process; returns all results (any order)."""
     context = torch.multiprocessing.get_context("spawn")
     queue = context.Queue()
     container = OmegaConf.to_container(config, resolve=True)
-    processes = [context.Process(target=_worker, args=(container, stage, placement, list(cases), options, debug, queue))
+    processes = [context.Process(target=_worker,
+                                 args=(container, stage, placement, list(cases), options, debug, queue, journal))
                  for placement in placements]
     for process in processes:
         process.start()
@@ -163,19 +170,37 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     """Run the stage of ``config`` on every case of its experiment folder (see the module docstring).
 
     ``gpus``: CUDA ids, one process each (none: one process on ``inference.device``); ``placements`` replaces
-    that plan (e.g. two CPU processes). Returns the outcome; a bad case never raises, a bad config does."""
+    that plan (e.g. two CPU processes). Under torchrun or srun this process runs its share of the cases and rank 0
+    merges them (:mod:`inference.distributed`). Cases an interrupted run of the same settings finished are kept
+    (:mod:`inference.journal`). Returns the outcome; a bad case never raises, a bad config does."""
     stage = config_stage(config)
     options = parse_options(config.get("inference"), stage)
     cases = read_cases(options.exp_dir, dict(options.lists))
     check_weights(config)
-    if placements is None:
-        placements = plan_placements(gpus, visible_gpu_count(), options.vq_device, options.device)
-    if len(placements) == 1:
-        results = run_shard(config, stage, placements[0], cases, options, debug)
-    else:
-        results = run_spawned(config, stage, placements, cases, options, debug)
-    results = sorted(results, key=lambda result: result.index)
     exp_dir = Path(options.exp_dir)
+    launch = detect_launch()
+    if launch.distributed and (gpus or placements):
+        raise ConfigError(f"--gpus under {launch.launcher}: the launcher starts one process per GPU; drop --gpus")
+    journal = CaseJournal.for_run(exp_dir, stage, run_fingerprint(OmegaConf.to_container(config.model, resolve=True),
+                                                                  asdict(options)))
+    with process_group(launch):
+        finished = broadcast_from_main(launch, journal.finished(cases) if launch.is_main else None)
+        pending = [case for case in cases if case.index not in finished]
+        if launch.distributed:
+            placement = launch_placement(launch.rank, launch.world, launch.local_rank, visible_gpu_count(),
+                                         options.vq_device, options.device)
+            own = run_shard(config, stage, placement, pending, options, debug, journal)
+            results = gather_to_main(launch, own)
+            if not launch.is_main:
+                return RunOutcome(stage, own, exp_dir / f"{stage}_report.json", main=False)
+        else:
+            if placements is None:
+                placements = plan_placements(gpus, visible_gpu_count(), options.vq_device, options.device)
+            if len(placements) == 1:
+                results = run_shard(config, stage, placements[0], pending, options, debug, journal)
+            else:
+                results = run_spawned(config, stage, placements, pending, options, debug, journal)
+    results = sorted(results + list(finished.values()), key=lambda result: result.index)
     label_list = None
     if stage == "lmnet":
         label_list = write_list(exp_dir / options.label_list_name, label_list_entries(results, cases, options))
@@ -188,4 +213,5 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
                                      feather_voxels=options.feather_voxels, label_list_name=options.lists["label"],
                                      seg_version=options.seg_version, progress=options.progress)
     report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results)
+    journal.clear()
     return RunOutcome(stage, results, report, label_list, dropped)

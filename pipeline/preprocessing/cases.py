@@ -2,7 +2,8 @@
 
 Cases run in a thread pool (``workers``); numpy/scipy, file I/O and LLM calls release the GIL, and all cases
 share one LLM client. TotalSegmentator is heavy (a GPU or several CPU cores and GBs of memory per run), so at
-most ``segmentation_workers`` segmentations run at a time (default 1) whatever ``workers`` is.
+most ``segmentation_workers`` segmentations run at a time (default 1) whatever ``workers`` is. Under torchrun or
+srun the cases are shared out over the processes (:func:`preprocess`).
 
 ``exp/{img,seg,type,bbox}_list.txt`` hold, row by row in the order of the input list, the outputs of the cases
 that succeeded (done now or skipped as already done); paths are relative to ``exp/`` (list entries resolve
@@ -20,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ldm.fileio import write_json_atomic, write_text_atomic
+from inference.distributed import Launch, gather_to_main, process_group, shard
 
 from preprocessing.case import OUTPUT_FILES, CaseResult, PreprocessOptions, process_case
 from preprocessing.inputs import CaseInput
@@ -69,11 +71,21 @@ def write_run_report(exp_dir: Path, results: list[CaseResult], options: Preproce
 
 
 def preprocess(cases: list[CaseInput], exp_dir: Path, options: PreprocessOptions, reporter: Any, workers: int = 1,
-               segmentation_workers: int = 1, progress: bool = True) -> list[CaseResult]:
-    """Run all cases and write the lists and the run report into ``exp_dir``; returns the results in input order."""
+               segmentation_workers: int = 1, progress: bool = True, launch: Launch | None = None) -> list[CaseResult]:
+    """Run all cases and write the lists and the run report into ``exp_dir``; returns the results in input order.
+
+    Under torchrun or srun (``launch``, see :mod:`inference.distributed`) each process runs the cases
+    ``rank, rank + world, ...`` and returns their results; rank 0 gathers all and alone writes the lists and the
+    report, which equal a single process's (a case's randomness depends on its row only)."""
+    launch = launch or Launch()
     exp_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = run_cases(cases, exp_dir, options, reporter, workers, segmentation_workers, progress)
+    with process_group(launch):
+        own = run_cases(shard(cases, launch), exp_dir, options, reporter, workers, segmentation_workers, progress)
+        results = gather_to_main(launch, own)
+    if not launch.is_main:
+        return own
+    results = sorted(results, key=lambda result: result.index)
     write_lists(exp_dir, results)
     write_run_report(exp_dir, results, options, reporter.settings, time.perf_counter() - start)
     return results

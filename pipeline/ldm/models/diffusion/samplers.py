@@ -3,11 +3,11 @@
 A sampler holds a noise schedule and exposes ``set_timesteps(n)``, ``step(eps, index, x, generator)`` and
 ``add_noise(x0, noise, t)``, like diffusers schedulers. :func:`sample_loop` runs one from pure noise with a
 ``denoise(x_t, t) -> eps`` callable and an optional inpainting blend, so a new sampler is a new small class.
-Every random draw takes a ``torch.Generator``: the same seed gives the same sample exactly.
+Every random draw takes a ``torch.Generator`` (or one per batch item): the same seed gives the same sample exactly.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,10 +15,19 @@ from tqdm.auto import tqdm
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BLEND_MODES = ("clean", "renoise")
+# One generator for the whole batch, or one per batch item (see :func:`randn`).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device``.
+
+    With a sequence of generators (one per batch item) item ``i`` is drawn from generator ``i`` alone, so an item
+    of a batch gets exactly the noise it gets when sampled by itself with the same generator."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), item, device, dtype) for item in generator])
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
@@ -80,7 +89,7 @@ class DDIMSampler(RespacedSampler):
         self._sigmas = self.eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
         return timesteps
 
-    def step(self, eps: torch.Tensor, index: int, x: torch.Tensor, generator: torch.Generator | None = None):
+    def step(self, eps: torch.Tensor, index: int, x: torch.Tensor, generator: Generators = None):
         """One update at ``self.timesteps[index]``; returns ``(x_prev, predicted_x0)``."""
         alpha_prev, sigma = float(self._alphas_prev[index]), float(self._sigmas[index])
         predicted_x0 = self.predict_x0(eps, index, x)
@@ -103,7 +112,7 @@ class DDPMSampler(RespacedSampler):
         self._posterior_variance = self._betas * (1 - self._alphas_prev) / (1 - self._alphas)
         return timesteps
 
-    def step(self, eps: torch.Tensor, index: int, x: torch.Tensor, generator: torch.Generator | None = None):
+    def step(self, eps: torch.Tensor, index: int, x: torch.Tensor, generator: Generators = None):
         """One ancestral update at ``self.timesteps[index]``; returns ``(x_prev, predicted_x0)``."""
         alpha, alpha_prev = float(self._alphas[index]), float(self._alphas_prev[index])
         beta, variance = float(self._betas[index]), float(self._posterior_variance[index])
@@ -124,7 +133,7 @@ def make_sampler(name: str, alphas_cumprod: torch.Tensor, eta: float = 1.0) -> R
 
 
 def blend_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, sampler, t: int | None,
-                mode: str, generator: torch.Generator | None) -> torch.Tensor:
+                mode: str, generator: Generators) -> torch.Tensor:
     """Keep the unknown region (``mask`` = 1) of ``x`` and the known content elsewhere.
 
     ``clean`` pastes the clean known latent (the original LINet sampler, which matches its training);
@@ -141,7 +150,7 @@ def sample_loop(
     denoise: Denoiser,
     shape: tuple[int, ...],
     num_steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     known: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
