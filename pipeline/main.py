@@ -113,12 +113,28 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def under_slurm() -> bool:
+    """True in a task that ``srun`` started (not an interactive allocation, not torchrun inside SLURM)."""
+    return SLURMEnvironment.detect() and not under_torchrun()
+
+
+def launcher_layout() -> tuple[int, int, str] | None:
+    """``(processes per node, nodes, what to match)`` when torchrun or SLURM's srun started this process, else None."""
+    if under_torchrun():
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        return local, world // local, "torchrun's --nproc_per_node"
+    if under_slurm():
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+        return int(os.environ["SLURM_NTASKS"]) // nodes, nodes, "SLURM's --ntasks-per-node"
+    return None
+
+
 def trainer_settings(opt: argparse.Namespace, trainer_config: dict, manual_optimization: bool) -> dict:
     """Trainer keyword arguments: ``lightning.trainer`` of the config, then the command-line flags.
 
-    Without torchrun one device is used unless asked otherwise; under torchrun devices per node and the node
-    count follow torchrun. Several devices mean DDP (with unused-parameter search for models that optimise
-    disjoint parameter sets in turn, such as the VQ-GAN).
+    Without a launcher one device is used unless asked otherwise; under torchrun or SLURM's srun the devices per
+    node and the node count follow the launcher. Several devices mean DDP (with unused-parameter search for models
+    that optimise disjoint parameter sets in turn, such as the VQ-GAN).
     """
     settings = dict(trainer_config)
     settings.update({key: getattr(opt, key) for key in TRAINER_FLAGS if getattr(opt, key) is not None})
@@ -128,15 +144,16 @@ def trainer_settings(opt: argparse.Namespace, trainer_config: dict, manual_optim
         settings.update(accelerator="gpu", devices=parse_gpus(opt.gpus))
     elif opt.devices is not None:
         settings["devices"] = parse_devices(opt.devices)
-    if under_torchrun():
-        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    layout = launcher_layout()
+    if layout is not None:
+        local, nodes, source = layout
         settings.setdefault("devices", local)
-        settings.setdefault("num_nodes", world // local)
+        settings.setdefault("num_nodes", nodes)
         devices = settings["devices"]
         count = len(devices) if isinstance(devices, (list, tuple)) else devices
         if isinstance(count, int) and count != local:
-            raise ConfigError(f"{count} devices per node requested but torchrun started {local} processes per node "
-                              "(--nproc_per_node); they must match")
+            raise ConfigError(f"{count} devices per node requested but {local} processes per node were started "
+                              f"({source}); they must match")
     settings.setdefault("devices", 1)
     devices = settings["devices"]
     several = not (devices == 1 or (isinstance(devices, (list, tuple)) and len(devices) == 1)) \
@@ -198,11 +215,6 @@ def build_logger(kind: str, run_dir: Path):
         return WandbLogger(name=run_dir.name, id=run_dir.name, save_dir=str(run_dir), offline=not wandb_credentials())
     from pytorch_lightning.loggers import TensorBoardLogger
     return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-
-
-def under_slurm() -> bool:
-    """True in a task that ``srun`` started (not an interactive allocation, not torchrun inside SLURM)."""
-    return SLURMEnvironment.detect() and not under_torchrun()
 
 
 def build_callbacks(config: DictConfig, paths: RunPaths, monitor: str | None, with_logger: bool) -> list:

@@ -170,3 +170,18 @@ def test_base_is_found_in_pipeline_and_the_given_flags_are_recorded(tmp_path, mo
     assert "devices" not in config.lightning.trainer, "the hardware layout is not part of the plan"
     assert main.every_n_train_steps(config) == 5
     assert main.every_n_train_steps(main.load_config([LMNET])) == 50
+
+
+def test_trainer_settings_follow_slurm_srun(monkeypatch):
+    for name in main.TORCHRUN_VARIABLES + ("WORLD_SIZE",):
+        monkeypatch.delenv(name, raising=False)
+    slurm = {"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NAME": "lmnet", "SLURM_JOB_ID": "17",
+             "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert main.under_slurm() and main.launcher_layout() == (4, 2, "SLURM's --ntasks-per-node")
+    assert main.trainer_settings(options()[0], {}, manual_optimization=False) == {"devices": 4, "num_nodes": 2}
+    with pytest.raises(ConfigError, match="ntasks-per-node"):
+        main.trainer_settings(options("--devices", "2")[0], {}, manual_optimization=False)
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: not an srun task
+    assert not main.under_slurm() and main.launcher_layout() is None

@@ -249,3 +249,20 @@ def test_resume_of_a_folder_without_checkpoint_names_the_first_save(tmp_path):
     (run / "checkpoints" / "epoch=000003.ckpt").write_bytes(b"x")
     (run / "checkpoints" / "epoch=000001.ckpt").write_bytes(b"x")
     assert resolve_run(opt).resume_checkpoint.name == "epoch=000001.ckpt", "no last.ckpt: the newest checkpoint"
+
+
+def test_the_cadence_counts_crossed_multiples():
+    from ldm.callbacks import LastCheckpoint
+
+    callback = LastCheckpoint("unused.ckpt", every_n_train_steps=25)
+    saved = []
+    for step in range(0, 80, 2):  # two optimiser steps per batch
+        if callback.is_due(step):
+            saved.append(step)
+            callback.saved_step = step
+    assert saved == [26, 50, 76]
+    callback.saved_step = 7  # resumed at step 7
+    assert not callback.is_due(7) and not callback.is_due(24) and callback.is_due(25)
+    assert not any(LastCheckpoint("unused.ckpt", 0).is_due(step) for step in range(100))
+    with pytest.raises(ConfigError, match="every_n_train_steps must be >= 0"):
+        LastCheckpoint("unused.ckpt", -1)

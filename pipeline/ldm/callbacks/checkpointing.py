@@ -96,9 +96,11 @@ class LastCheckpoint(pl.Callback):
         self.saved_step = trainer.global_step
 
     def is_due(self, global_step: int) -> bool:
-        """Whether the state after ``global_step`` optimiser steps is a scheduled save not yet written."""
-        return (self.every_n_train_steps > 0 and global_step > 0 and global_step % self.every_n_train_steps == 0
-                and global_step != self.saved_step)
+        """Whether a multiple of ``every_n_train_steps`` was reached since the last save. A crossed multiple counts
+        too: models with several optimisers (the VQ-GAN) advance the global step by more than one per batch."""
+        if self.every_n_train_steps <= 0:
+            return False
+        return global_step // self.every_n_train_steps > (self.saved_step or 0) // self.every_n_train_steps
 
     def _handle(self, signum, frame) -> None:
         # Only a flag: saving inside a signal handler could catch the optimiser mid-step.
