@@ -4,8 +4,8 @@ LINet, and what a kill costs at the configs' default ``every_n_train_steps``. Pr
     .venv/bin/python bench/checkpoint_write.py [--only lmnet|linet] [--repeats 3] [--out DIR] [--step-seconds 0.5 1 2]
 
 The models are built from the release configs with random weights (no released weights needed); the optimiser
-state is the AdamW state after one step, as in a real checkpoint. The write is what ``LastCheckpoint`` does:
-Lightning's checkpoint IO into a temporary file, then one rename (``ldm.fileio.atomic_path``). ``--out`` should
+state is the AdamW state after one step, as in a real checkpoint. The write is what ``LastCheckpoint`` does
+(``ldm.callbacks.checkpointing.write_checkpoint``: ``torch.save`` into a temporary file, fsync, one rename). ``--out`` should
 be on the file system the runs write to (a shared file system is slower than a local disk).
 
 A kill loses the steps since the last save: at most ``every_n_train_steps``, half of it on average, plus the
@@ -53,20 +53,17 @@ def release_checkpoint(name: str) -> tuple[dict, int]:
 
 def measure(name: str, repeats: int, out_dir: Path, step_seconds: list[float]) -> dict:
     import torch
-    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    from ldm.fileio import atomic_path
+    from ldm.callbacks.checkpointing import write_checkpoint
     from ldm.runs import every_n_train_steps
     from ldm.util import load_config
 
     checkpoint, trainable = release_checkpoint(name)
     path = out_dir / f"{name}-last.ckpt"
-    io = TorchCheckpointIO()
     writes, reads = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        with atomic_path(path) as temporary:
-            io.save_checkpoint(checkpoint, temporary)
+        write_checkpoint(checkpoint, path)
         writes.append(time.perf_counter() - start)
         start = time.perf_counter()
         torch.load(path, map_location="cpu", weights_only=False)
