@@ -266,3 +266,23 @@ def test_the_cadence_counts_crossed_multiples():
     assert not any(LastCheckpoint("unused.ckpt", 0).is_due(step) for step in range(100))
     with pytest.raises(ConfigError, match="every_n_train_steps must be >= 0"):
         LastCheckpoint("unused.ckpt", -1)
+
+
+def test_the_readme_sbatch_script_starts_then_resumes(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**Several nodes with SLURM**"):]
+    script = section[section.index("```bash\n") + 8:section.index("```\n", section.index("```bash\n") + 8)]
+    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script
+    bin_dir, calls = tmp_path / "bin", tmp_path / "srun_calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')  # SLURM is absent here
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "pipeline").mkdir()
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for _ in ("first", "requeued"):
+        subprocess.run(["bash", "-c", script], env=env, check=True)
+        (tmp_path / "pipeline" / "logs" / "lmnet" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pipeline" / "logs" / "lmnet" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    first, requeued = calls.read_text().splitlines()
+    assert first.startswith("python main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet")
+    assert requeued == "python main.py --resume logs/lmnet"
