@@ -22,8 +22,8 @@ import copy
 import importlib.util
 import netrc
 import os
-import sys
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E40
 from ldm.callbacks import LastCheckpoint, SetupCallback  # noqa: E402
 from ldm.cli import parse_gpus, split_overrides  # noqa: E402
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
-from ldm.runs import DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run  # noqa: E402,E501
+from ldm.runs import (  # noqa: E402
+    DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run,
+)
 from ldm.util import instantiate_from_config, load_config, seed_everything  # noqa: E402
 
 TORCHRUN_VARIABLES = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

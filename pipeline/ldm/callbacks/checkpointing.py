@@ -98,7 +98,6 @@ class LastCheckpoint(pl.Callback):
         self.signal_received = False
         self.trained = False
         self.saved_step: int | None = None
-        self.write_seconds: list[float] = []
         self._previous = None
         self._installed = False
 
@@ -106,9 +105,8 @@ class LastCheckpoint(pl.Callback):
         """Write ``last.ckpt`` now (rank 0) and remember the step so the same state is not written twice."""
         start = time.perf_counter()
         if save_checkpoint_now(trainer, self.path) is not None:
-            self.write_seconds.append(time.perf_counter() - start)
             rank_zero_info(f"{reason}: saved {self.path} at global step {trainer.global_step} "
-                           f"({self.write_seconds[-1]:.1f} s)")
+                           f"({time.perf_counter() - start:.1f} s)")
         self.saved_step = trainer.global_step
 
     def is_due(self, global_step: int) -> bool:
