@@ -51,8 +51,8 @@ def train_stage(stage: str, steps: int, checkpoints: Path, logs: Path, retrain: 
     subprocess.run(command, cwd=PIPELINE_DIR, check=True)
     last = logs / name / "checkpoints" / "last.ckpt"
     trained = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    if trained != steps:
-        raise LesionDiffusionError(f"{last} holds step {trained}, not the {steps} steps trained")
+    if trained < steps:  # the VQ steps two optimisers per batch and may end one step past max_steps
+        raise LesionDiffusionError(f"{last} holds step {trained}, not all {steps} steps trained")
     with atomic_path(target) as temporary:
         shutil.copyfile(last, temporary)
     print(f"[demo] {stage}: {time.perf_counter() - start:.0f} s -> {target.relative_to(ROOT)}", flush=True)
