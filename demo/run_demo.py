@@ -3,8 +3,9 @@
     python demo/run_demo.py [--steps-vq 200 --steps-lmnet 300 --steps-linet 400] [--retrain]
 
 1. builds the phantom data set in ``demo/data`` (seconds; reused when present);
-2. trains the three tiny demo models with ``pipeline/main.py`` into ``demo/logs`` and copies each last checkpoint
-   to ``demo/checkpoints/{vq,lmnet,linet}.ckpt`` (reused when present, unless ``--retrain``);
+2. trains the three tiny demo models with ``pipeline/main.py`` into ``demo/logs`` and copies each ``last.ckpt``
+   (checked to hold the final step) to ``demo/checkpoints/{vq,lmnet,linet}.ckpt`` (reused when present, unless
+   ``--retrain``);
 3. synthesises a liver cyst into the first held-out healthy phantom with ``pipeline/synthesize.py``
    (``demo/out``) and prints where the NIfTI and PNG results are.
 The tiny models train for minutes on a CPU: the pipeline runs end to end, the lesions are not realistic.
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 DEMO_DIR = Path(__file__).resolve().parent
 ROOT = DEMO_DIR.parent
@@ -47,6 +50,9 @@ def train_stage(stage: str, steps: int, checkpoints: Path, logs: Path, retrain: 
     start = time.perf_counter()
     subprocess.run(command, cwd=PIPELINE_DIR, check=True)
     last = logs / name / "checkpoints" / "last.ckpt"
+    trained = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    if trained < steps:  # the VQ steps two optimisers per batch and may end one step past max_steps
+        raise LesionDiffusionError(f"{last} holds step {trained}, not all {steps} steps trained")
     with atomic_path(target) as temporary:
         shutil.copyfile(last, temporary)
     print(f"[demo] {stage}: {time.perf_counter() - start:.0f} s -> {target.relative_to(ROOT)}", flush=True)

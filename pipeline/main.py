@@ -4,12 +4,16 @@
     python main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet --gpus 0,1
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
         main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet
+    srun python main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet     # in an sbatch script
     python main.py --resume logs/lmnet                                                # continue where it stopped
 
-A run writes ``<logdir>/<name>/``: ``checkpoints/{epoch=NNNNNN,last}.ckpt``, ``configs/<time>-project.yaml``
-and ``-lightning.yaml``, ``images/train/*.png`` and ``tensorboard/``. Several ``--base`` configs merge left to
-right, then ``key.sub=value`` overrides apply. Config paths resolve against ``pipeline/``, command-line paths
-against the current directory. Under torchrun the device and node counts come from torchrun.
+A run writes ``<logdir>/<name>/``: ``checkpoints/last.ckpt`` (the latest state: every ``--every_n_train_steps``
+optimiser steps, at the end, on SIGUSR1/SIGTERM and on errors; see :mod:`ldm.callbacks.checkpointing`) and
+``checkpoints/epoch=NNNNNN.ckpt`` (best 3 on the monitored value), ``configs/<time>-project.yaml`` and
+``-lightning.yaml`` (the run's plan, see :mod:`ldm.runs`), ``images/train/*.png`` and ``tensorboard/``. Several
+``--base`` configs merge left to right (found from the current directory or from ``pipeline/``), then
+``key.sub=value`` overrides apply. Config paths resolve against ``pipeline/``, command-line paths against the
+current directory. Under torchrun or SLURM the device and node counts come from the launcher.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import copy
 import importlib.util
 import netrc
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +33,16 @@ import pytorch_lightning as pl  # noqa: E402
 from lightning_fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-from pytorch_lightning.utilities import rank_zero_info  # noqa: E402
+from pytorch_lightning.plugins.environments import SLURMEnvironment  # noqa: E402
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
+from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from ldm.callbacks import CheckpointOnException, CheckpointOnSignal, SetupCallback  # noqa: E402
+from ldm.callbacks import LastCheckpoint, SetupCallback  # noqa: E402
 from ldm.cli import parse_gpus, split_overrides  # noqa: E402
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
+from ldm.runs import (  # noqa: E402
+    DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run,
+)
 from ldm.util import instantiate_from_config, load_config, seed_everything  # noqa: E402
 
 TORCHRUN_VARIABLES = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -43,6 +53,7 @@ DEFAULT_CALLBACKS = {
                              "params": {"logging_interval": "step"}},
     "resources": {"target": "ldm.callbacks.ResourceMonitor"},
 }
+CADENCE_HELP = f"lightning.modelcheckpoint.params.every_n_train_steps of the config, else {DEFAULT_EVERY_N_TRAIN_STEPS}"
 VQ_TRAINING_HINT = ("train one first: python main.py --base configs/autoencoder/lesiondiffusion_vq.yaml -t --name vq "
                     "(tiny CPU demo: --base configs/demo/vq.yaml), then set first_stage_config.params.ckpt_path to "
                     "<logdir>/vq/checkpoints/last.ckpt or copy that file to the configured path")
@@ -64,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LesionDiffusion stage. Extra key.sub=value arguments override the configs.",
         epilog="example: python main.py --base configs/demo/lmnet.yaml -t --name demo model.params.fg_loss_weight=3")
     parser.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml",
-                        help="configs merged left to right (paths relative to the current directory)")
+                        help="configs merged left to right (from the current directory, else from pipeline/)")
     parser.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=True,
                         help="train (the default; '-t false' only validates)")
     parser.add_argument("-n", "--name", default="", help="run name: the folder under --logdir (default: config name)")
     parser.add_argument("-f", "--postfix", default="", help="appended to the run name")
-    parser.add_argument("-r", "--resume", default="", help="continue a run: its folder or one of its checkpoints")
+    parser.add_argument("-r", "--resume", default="",
+                        help="continue a run (its folder or one of its checkpoints) with its own configs and limits; "
+                             "flags and overrides given now win")
     parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything (default 23)")
     parser.add_argument("-l", "--logdir", default="logs", help="folder holding the runs (default ./logs)")
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
@@ -82,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default=None, help="32-true (default), bf16-mixed, 16-mixed, ...")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimiser steps")
     parser.add_argument("--max_epochs", type=int, default=None, help="stop after this many epochs")
+    parser.add_argument("--every_n_train_steps", type=int, default=None, metavar="N",
+                        help=f"write checkpoints/last.ckpt every N optimiser steps, 0 = only at the end (default: "
+                             f"{CADENCE_HELP})")
     parser.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
                         help="experiment logger (default tensorboard; wandb runs offline without credentials)")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks of configuration errors")
@@ -94,58 +110,33 @@ def parse_devices(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-@dataclass
-class RunPaths:
-    """Where a run lives and what it starts from."""
-
-    run_dir: Path
-    resume_checkpoint: Path | None
-    configs: list[Path]
-
-
-def resolve_run(opt: argparse.Namespace) -> RunPaths:
-    """The run folder, the checkpoint to resume from (or None) and the configs to merge (a resumed run's saved
-    configs first). Refuses to train a new run into a folder that already holds checkpoints."""
-    if opt.resume:
-        if opt.name:
-            raise ConfigError("-n/--name and -r/--resume cannot be combined: a resumed run keeps its folder")
-        target = Path(opt.resume).expanduser().resolve()
-        if target.is_file():
-            if target.parent.name != "checkpoints":
-                raise ConfigError(f"--resume {opt.resume}: a checkpoint must sit in <run>/checkpoints/")
-            run_dir, checkpoint = target.parent.parent, target
-        elif target.is_dir():
-            run_dir, checkpoint = target, target / "checkpoints" / "last.ckpt"
-            if not checkpoint.is_file():
-                raise ConfigError(f"--resume {opt.resume}: {checkpoint} not found; pass a checkpoint file instead")
-        else:
-            raise ConfigError(f"--resume {opt.resume}: no such run folder or checkpoint")
-        saved = sorted((run_dir / "configs").glob("*.yaml"))
-        return RunPaths(run_dir, checkpoint, saved + [Path(path) for path in opt.base])
-    if not opt.base:
-        raise ConfigError("no config given: pass --base <config.yaml> (or --resume <run folder>)")
-    name = (opt.name or Path(opt.base[0]).stem) + opt.postfix
-    if not name or os.sep in name or name in (".", ".."):
-        raise ConfigError(f"--name {name!r}: a run name must be a plain folder name")
-    run_dir = Path(opt.logdir).expanduser().resolve() / name
-    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    if existing:
-        raise ConfigError(f"{run_dir} already holds a run ({existing[-1].name}): continue it with --resume {run_dir} "
-                          "or choose another --name")
-    return RunPaths(run_dir, None, [Path(path) for path in opt.base])
-
-
 def under_torchrun() -> bool:
     """True in a process started by torchrun (torch elastic sets these variables)."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def under_slurm() -> bool:
+    """True in a task that ``srun`` started (not an interactive allocation, not torchrun inside SLURM)."""
+    return SLURMEnvironment.detect() and not under_torchrun()
+
+
+def launcher_layout() -> tuple[int, int, str] | None:
+    """``(processes per node, nodes, what to match)`` when torchrun or SLURM's srun started this process, else None."""
+    if under_torchrun():
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        return local, world // local, "torchrun's --nproc_per_node"
+    if under_slurm():
+        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+        return int(os.environ["SLURM_NTASKS"]) // nodes, nodes, "SLURM's --ntasks-per-node"
+    return None
+
+
 def trainer_settings(opt: argparse.Namespace, trainer_config: dict, manual_optimization: bool) -> dict:
     """Trainer keyword arguments: ``lightning.trainer`` of the config, then the command-line flags.
 
-    Without torchrun one device is used unless asked otherwise; under torchrun devices per node and the node
-    count follow torchrun. Several devices mean DDP (with unused-parameter search for models that optimise
-    disjoint parameter sets in turn, such as the VQ-GAN).
+    Without a launcher one device is used unless asked otherwise; under torchrun or SLURM's srun the devices per
+    node and the node count follow the launcher. Several devices mean DDP (with unused-parameter search for models
+    that optimise disjoint parameter sets in turn, such as the VQ-GAN).
     """
     settings = dict(trainer_config)
     settings.update({key: getattr(opt, key) for key in TRAINER_FLAGS if getattr(opt, key) is not None})
@@ -155,15 +146,16 @@ def trainer_settings(opt: argparse.Namespace, trainer_config: dict, manual_optim
         settings.update(accelerator="gpu", devices=parse_gpus(opt.gpus))
     elif opt.devices is not None:
         settings["devices"] = parse_devices(opt.devices)
-    if under_torchrun():
-        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    layout = launcher_layout()
+    if layout is not None:
+        local, nodes, source = layout
         settings.setdefault("devices", local)
-        settings.setdefault("num_nodes", world // local)
+        settings.setdefault("num_nodes", nodes)
         devices = settings["devices"]
         count = len(devices) if isinstance(devices, (list, tuple)) else devices
         if isinstance(count, int) and count != local:
-            raise ConfigError(f"{count} devices per node requested but torchrun started {local} processes per node "
-                              "(--nproc_per_node); they must match")
+            raise ConfigError(f"{count} devices per node requested but {local} processes per node were started "
+                              f"({source}); they must match")
     settings.setdefault("devices", 1)
     devices = settings["devices"]
     several = not (devices == 1 or (isinstance(devices, (list, tuple)) and len(devices) == 1)) \
@@ -228,17 +220,25 @@ def build_logger(kind: str, run_dir: Path):
 
 
 def build_callbacks(config: DictConfig, paths: RunPaths, monitor: str | None, with_logger: bool) -> list:
-    """Run set-up, checkpointing (``model.monitor``, top 3, ``last.ckpt``; ``lightning.modelcheckpoint.params``
-    overrides), emergency saves, and ``lightning.callbacks`` merged over the defaults (``null`` removes one)."""
+    """Run set-up, checkpointing and ``lightning.callbacks`` merged over the defaults (``null`` removes one).
+
+    ``last.ckpt`` belongs to :class:`LastCheckpoint` (cadence: ``lightning.modelcheckpoint.params.
+    every_n_train_steps``); Lightning's ``ModelCheckpoint`` keeps the best 3 on ``model.monitor`` after validation,
+    with the other ``lightning.modelcheckpoint.params`` as its arguments."""
     lightning = config.get("lightning") or {}
-    last = paths.run_dir / "checkpoints" / "last.ckpt"
-    checkpoint_params = {"dirpath": str(paths.run_dir / "checkpoints"), "filename": "{epoch:06}", "save_last": True}
+    checkpoint_params = {"dirpath": str(paths.run_dir / "checkpoints"), "filename": "{epoch:06}"}
     if monitor:
         checkpoint_params.update(monitor=monitor, save_top_k=3)
-    overrides = (lightning.get("modelcheckpoint") or {}).get("params") or {}
-    checkpoint_params.update(OmegaConf.to_container(overrides) if isinstance(overrides, DictConfig) else overrides)
-    callbacks = [SetupCallback(paths.run_dir, config, resumed=paths.resume_checkpoint is not None),
-                 ModelCheckpoint(**checkpoint_params), CheckpointOnSignal(last), CheckpointOnException(last)]
+    overrides = OmegaConf.to_container((lightning.get("modelcheckpoint") or {}).get("params") or OmegaConf.create())
+    overrides.pop("every_n_train_steps", None)
+    if overrides.pop("save_last", None) is False:
+        rank_zero_warn("lightning.modelcheckpoint.params.save_last=false is ignored: last.ckpt always holds the "
+                       "latest state (set the cadence with --every_n_train_steps; 0 = only at the end)")
+    checkpoint_params.update(overrides)
+    last = LastCheckpoint(paths.run_dir / "checkpoints" / "last.ckpt", every_n_train_steps(config),
+                          requeue=under_slurm())
+    callbacks = [SetupCallback(paths.run_dir, config, resumed=paths.resume_checkpoint is not None), last,
+                 ModelCheckpoint(**checkpoint_params)]
     blocks = OmegaConf.merge(DEFAULT_CALLBACKS, lightning.get("callbacks") or {})
     for name, block in blocks.items():
         if block is None or (name == "learning_rate_logger" and not with_logger):
@@ -293,6 +293,7 @@ def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
     for key in ("model", "data"):
         if not isinstance(config.get(key), DictConfig):
             raise ConfigError(f"{paths.configs[-1]}: the merged config has no '{key}' block")
+    record_plan(config, opt)
     lightning = config.setdefault("lightning", OmegaConf.create())
     trainer_config = OmegaConf.to_container(lightning.get("trainer") or OmegaConf.create(), resolve=True)
     seed_everything(opt.seed)
@@ -303,6 +304,10 @@ def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
     data = instantiate_from_config(config.data, key_path="data")
     logger = build_logger(opt.logger, paths.run_dir)
     settings = trainer_settings(opt, trainer_config, manual_optimization=not model.automatic_optimization)
+    if under_slurm() and "plugins" not in settings:
+        # SLURM sets ranks and nodes; LastCheckpoint saves at a batch boundary and requeues on SIGUSR1 instead of
+        # Lightning's handler, which would save from inside the signal handler, possibly mid optimiser step.
+        settings["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     callbacks = build_callbacks(config, paths, getattr(model, "monitor", None), with_logger=logger is not False)
     try:
         trainer = pl.Trainer(default_root_dir=str(paths.run_dir), logger=logger, callbacks=callbacks, **settings)
@@ -313,12 +318,14 @@ def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (1 with a one-line message for a LesionDiffusionError)."""
+    """Entry point; returns the exit status (1 with a one-line message for a LesionDiffusionError, 143 after
+    SIGTERM once ``last.ckpt`` is saved)."""
     parser = build_parser()
     arguments, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     opt = parser.parse_args(arguments)
     try:
-        prepare(opt, overrides).execute()
+        run = prepare(opt, overrides)
+        run.execute()
     except LesionDiffusionError as error:
         if opt.debug:
             raise
@@ -326,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}main.py: error: {error}", file=sys.stderr)
         return 1
+    except SIGTERMException:
+        print(f"main.py: stopped by SIGTERM; continue with python main.py --resume {run.paths.run_dir}",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -1,6 +1,8 @@
 """Training callbacks and preview montages: PNG/NIfTI previews, the preview cadence, SIGUSR1 and exception
-checkpoints (real Trainer, tiny LMNet on phantoms), and the device-agnostic memory measurement."""
+checkpoints (real Trainer, tiny LMNet on phantoms), and the device-agnostic memory measurement. Step checkpoints,
+SIGTERM, SLURM and resume: test_train_resume.py."""
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -35,6 +37,19 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+class CopyLastAt(pl.Callback):
+    """Copies ``last.ckpt`` to ``at-batch-<batch>.ckpt`` at the start of training batch ``batch`` (after any save of
+    that boundary: callbacks from the config run after main.py's own)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            directory = Path(trainer.default_root_dir) / "checkpoints"
+            shutil.copyfile(directory / "last.ckpt", directory / f"at-batch-{self.batch}.ckpt")
+
+
 class RaiseAt(pl.Callback):
     """Raises RuntimeError('boom') at the end of training batch ``batch`` (-1: when training starts)."""
 
@@ -59,7 +74,7 @@ def phantoms(tmp_path_factory) -> Path:
 
 def lmnet_argv(phantoms: Path, logdir: Path, *extra: str) -> list[str]:
     argv = ["-b", str(LMNET), "-l", str(logdir), "-n", "run", "--logger", "none",
-            "lightning.callbacks.image_logger=null", "lightning.modelcheckpoint.params.save_last=false",
+            "lightning.callbacks.image_logger=null", "lightning.modelcheckpoint.params.every_n_train_steps=0",
             "lightning.trainer.num_sanity_val_steps=0", "lightning.trainer.enable_progress_bar=false"]
     for split, prefix in (("train", "train"), ("validation", "val")):
         argv += [f"data.params.{split}.params.{kind}_list={phantoms}/{prefix}_{kind}_list.txt" for kind in KINDS]
@@ -124,13 +139,17 @@ def test_peak_memory_on_the_cpu():
 def test_sigusr1_saves_last_checkpoint_after_the_current_batch(phantoms, tmp_path):
     argv = lmnet_argv(phantoms, tmp_path, "--max_steps", "4",
                       "lightning.callbacks.signal.target=test_train_callbacks.SignalAt",
-                      "lightning.callbacks.signal.params.batch=1")
+                      "lightning.callbacks.signal.params.batch=1",
+                      "lightning.callbacks.copy.target=test_train_callbacks.CopyLastAt",
+                      "lightning.callbacks.copy.params.batch=2")
     assert main.main(argv) == 0
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoint = torch.load(checkpoints / "at-batch-2.ckpt", map_location="cpu", weights_only=False)
     # Signal at the end of batch 1 -> saved before batch 2 starts: 2 complete steps (EMA included); training goes on.
     assert checkpoint["global_step"] == 2
     assert int(checkpoint["state_dict"]["model_ema.num_updates"]) == 2
     assert checkpoint["optimizer_states"][0]["state"][0]["step"] == 2
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 

@@ -64,13 +64,14 @@ def test_run_folder_name_resume_and_refusal_to_overwrite(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "configs").mkdir()
     opt, _ = options("-r", str(run))
-    with pytest.raises(ConfigError, match="last.ckpt not found"):
+    with pytest.raises(ConfigError, match="no checkpoint and no saved configs"):
         main.resolve_run(opt)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
     (run / "checkpoints" / "epoch=000001.ckpt").write_bytes(b"x")
     for name in ("20240102T000000-project.yaml", "20240101T000000-project.yaml", "20240101T000000-lightning.yaml"):
         (run / "configs" / name).write_text("model: {}\n")
-    paths = main.resolve_run(options("-r", str(run), "-b", "extra.yaml")[0])
+    (tmp_path / "extra.yaml").write_text("model: {}\n")
+    paths = main.resolve_run(options("-r", str(run), "-b", str(tmp_path / "extra.yaml"))[0])
     assert paths.run_dir == run and paths.resume_checkpoint == run / "checkpoints" / "last.ckpt"
     assert [p.name for p in paths.configs] == ["20240101T000000-lightning.yaml", "20240101T000000-project.yaml",
                                                "20240102T000000-project.yaml", "extra.yaml"]
@@ -144,8 +145,7 @@ def test_overrides_reach_the_model_and_the_learning_rate_is_scaled(phantoms, tmp
     assert run.trainer.accumulate_grad_batches == 2 and run.trainer.logger is None
     assert not tmp_path.joinpath("lmnet").exists(), "nothing is written before fit"
     names = [type(callback).__name__ for callback in run.trainer.callbacks]
-    for expected in ("SetupCallback", "ModelCheckpoint", "CheckpointOnSignal", "CheckpointOnException",
-                     "ImageLogger", "ResourceMonitor"):
+    for expected in ("SetupCallback", "LastCheckpoint", "ModelCheckpoint", "ImageLogger", "ResourceMonitor"):
         assert expected in names
     assert "LearningRateMonitor" not in names, "no logger, no learning-rate monitor"
 
@@ -154,3 +154,34 @@ def test_overrides_reach_the_model_and_the_learning_rate_is_scaled(phantoms, tmp
     run = main.prepare(opt, overrides)
     assert run.model.learning_rate == pytest.approx(run.config.model.base_learning_rate)
     assert "ImageLogger" not in [type(callback).__name__ for callback in run.trainer.callbacks]
+
+
+def test_base_is_found_in_pipeline_and_the_given_flags_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt, _ = options("--base", "configs/demo/lmnet.yaml", "--max_steps", "20", "--every_n_train_steps", "5",
+                     "--precision", "bf16-mixed", "--devices", "2")
+    assert main.resolve_run(opt).configs == [LMNET]
+    with pytest.raises(ConfigError, match="configs/demo/nope.yaml: config file not found"):
+        main.resolve_run(options("--base", "configs/demo/nope.yaml")[0])
+    config = main.load_config([LMNET])
+    main.record_plan(config, opt)
+    assert config.lightning.trainer.max_steps == 20 and config.lightning.trainer.precision == "bf16-mixed"
+    assert config.lightning.trainer.max_epochs == 20, "the config's own value stays when no flag is given"
+    assert "devices" not in config.lightning.trainer, "the hardware layout is not part of the plan"
+    assert main.every_n_train_steps(config) == 5
+    assert main.every_n_train_steps(main.load_config([LMNET])) == 50
+
+
+def test_trainer_settings_follow_slurm_srun(monkeypatch):
+    for name in main.TORCHRUN_VARIABLES + ("WORLD_SIZE",):
+        monkeypatch.delenv(name, raising=False)
+    slurm = {"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NAME": "lmnet", "SLURM_JOB_ID": "17",
+             "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert main.under_slurm() and main.launcher_layout() == (4, 2, "SLURM's --ntasks-per-node")
+    assert main.trainer_settings(options()[0], {}, manual_optimization=False) == {"devices": 4, "num_nodes": 2}
+    with pytest.raises(ConfigError, match="ntasks-per-node"):
+        main.trainer_settings(options("--devices", "2")[0], {}, manual_optimization=False)
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: not an srun task
+    assert not main.under_slurm() and main.launcher_layout() is None

@@ -1,7 +1,8 @@
 """Two-process DDP on the CPU (gloo) under ``torchrun --standalone --nproc_per_node 2``: LMNet trains a few steps,
 both ranks end with identical weights (UNet and EMA), rank 0's checkpoint holds them, the learning rate is
 scaled by the world size, rank 0 samples a preview while rank 1 waits, and only rank 0 writes into the run
-folder."""
+folder; then the run resumed under torchrun with ``--max_steps 5`` continues from step 3 on both ranks, and the
+flag given now is recorded in the run's configs."""
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
 from demo.make_phantoms import make_phantoms
 
@@ -45,8 +47,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
         overrides.append(f"data.params.{split}.params.crop_shape=[8,16,16]")
     # Cases in list order: the distributed sampler alone decides which rank trains on which case.
     overrides += ["data.params.train.params.random_sample=false", "data.params.train.params.iter_num=0"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(MAIN),
-               "--base", str(LMNET), "-t", "--name", "ddp", "--logdir", "logs", "--max_steps", "3",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(MAIN)]
+    command = [*torchrun, "--base", str(LMNET), "-t", "--name", "ddp", "--logdir", "logs", "--max_steps", "3",
                "lightning.callbacks.image_logger.params.log_first_step=true",
                "lightning.callbacks.image_logger.params.background=false",
                "lightning.callbacks.dump.target=test_train_ddp.DumpWeights",
@@ -79,3 +81,17 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert [p.name for p in (tmp_path / "logs" / "ddp" / "images" / "train").iterdir()] == \
         ["gs-000001_e-0000_b-000000_0.png"], "rank 0 alone writes previews"
     assert not (tmp_path / "logs" / "child_runs").exists()
+
+    resumed = subprocess.run([*torchrun, "--resume", "logs/ddp", "--max_steps", "5"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, f"resumed torchrun failed:\n{resumed.stdout[-3000:]}\n{resumed.stderr[-6000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
+    assert [len(rank["cases"]) for rank in ranks] == [2, 2], "steps 4 and 5 only: the run continued from step 3"
+    checkpoint = torch.load(tmp_path / "logs" / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu",
+                            weights_only=False)
+    assert checkpoint["global_step"] == 5 and int(checkpoint["state_dict"]["model_ema.num_updates"]) == 5
+    for key in ranks[0]["state_dict"]:
+        torch.testing.assert_close(ranks[0]["state_dict"][key], ranks[1]["state_dict"][key], rtol=0, atol=0)
+        torch.testing.assert_close(checkpoint["state_dict"][key], ranks[0]["state_dict"][key], rtol=0, atol=0)
+    plans = sorted((tmp_path / "logs" / "ddp" / "configs").glob("*-lightning.yaml"))
+    assert OmegaConf.load(plans[-1]).lightning.trainer.max_steps == 5

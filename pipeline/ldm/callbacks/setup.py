@@ -1,6 +1,7 @@
 """The run directory: created, and the merged configs written, by global rank 0 only.
 
-Layout: ``<run>/checkpoints/``, ``<run>/configs/<time>-project.yaml`` (model and data),
+Layout: ``<run>/checkpoints/`` (temporary files of a checkpoint write that a kill interrupted are removed
+here), ``<run>/configs/<time>-project.yaml`` (model and data),
 ``<run>/configs/<time>-lightning.yaml`` (the ``lightning`` block), ``<run>/images/``. Other ranks neither
 create nor delete anything (the original's non-zero ranks moved the shared directory away, racing rank 0).
 """
@@ -14,6 +15,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
+from ldm.callbacks.checkpointing import remove_partial_writes
 from ldm.fileio import write_text_atomic
 
 RUN_SUBDIRS = ("checkpoints", "configs", "images")
@@ -32,6 +34,8 @@ class SetupCallback(pl.Callback):
             return
         for name in RUN_SUBDIRS:
             (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+        for leftover in remove_partial_writes(self.run_dir / "checkpoints"):
+            rank_zero_info(f"Removed {leftover.name}, a checkpoint write interrupted by a kill")
         stamp = time.strftime("%Y%m%dT%H%M%S")
         project = OmegaConf.masked_copy(self.config, [key for key in self.config if key != "lightning"])
         lightning = OmegaConf.create({"lightning": self.config.get("lightning", {})})
