@@ -27,6 +27,7 @@ from inference.devices import Placement, plan_placements, visible_gpu_count
 from inference.lmnet import label_list_entries, sample_masks
 from inference.linet import inpaint_cases
 from inference.options import InferenceOptions, parse_options
+from inference.preflight import preflight
 from inference.results import CaseResult, write_run_report
 
 POLL_SECONDS = 5.0
@@ -168,13 +169,17 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     options = parse_options(config.get("inference"), stage)
     cases = read_cases(options.exp_dir, dict(options.lists))
     check_weights(config)
+    # Every case is checked before any model runs; a case with a problem fails here, naming each problem.
+    ready, refused = preflight(cases, options)
     if placements is None:
         placements = plan_placements(gpus, visible_gpu_count(), options.vq_device, options.device)
-    if len(placements) == 1:
-        results = run_shard(config, stage, placements[0], cases, options, debug)
+    if not ready:
+        results = []
+    elif len(placements) == 1:
+        results = run_shard(config, stage, placements[0], ready, options, debug)
     else:
-        results = run_spawned(config, stage, placements, cases, options, debug)
-    results = sorted(results, key=lambda result: result.index)
+        results = run_spawned(config, stage, placements, ready, options, debug)
+    results = sorted([*results, *refused], key=lambda result: result.index)
     exp_dir = Path(options.exp_dir)
     label_list = None
     if stage == "lmnet":

@@ -25,7 +25,7 @@ from ldm.errors import DataError, LesionDiffusionError
 from ldm.fileio import write_json_atomic
 from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
 from preprocessing.inputs import CaseInput
-from preprocessing.report_format import ReportRequest
+from preprocessing.report_format import ReportRequest, size_bound_problem
 from preprocessing.segment import import_segmentation, run_totalsegmentator
 from preprocessing.standardise import standardise_ct
 from preprocessing.user_attributes import CaseAttributes, interpret_attributes, parse_attribute_line
@@ -49,6 +49,7 @@ class PreprocessOptions:
     seg_fast: bool = False
     seg_device: str = "auto"
     boxes_per_case: int = 1
+    max_lesion_size_xyz: tuple[int, int, int] | None = None
     seed: int = 0
     overwrite: bool = False
     debug: bool = False
@@ -109,7 +110,8 @@ def _finished(case_dir: Path, fingerprint: str) -> bool:
     if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
         return False
     try:
-        return json.loads(record.read_text()).get("fingerprint") == fingerprint
+        content = json.loads(record.read_text())
+        return content.get("fingerprint") == fingerprint and bool(content.get("source_ct"))
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return False
 
@@ -124,7 +126,8 @@ def _contrast_enhanced(ct: np.ndarray, segmentation: np.ndarray) -> bool | None:
 def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segmentation: np.ndarray,
              options: PreprocessOptions) -> ReportRequest:
     def size_problem(size_xyz: tuple[int, int, int], cavity: str) -> str | None:
-        return box_problem(organ, tuple(size_xyz)[::-1], options.boxes_per_case, cavity, attributes.hollow,
+        bound = size_bound_problem(size_xyz, options.max_lesion_size_xyz)
+        return bound or box_problem(organ, tuple(size_xyz)[::-1], options.boxes_per_case, cavity, attributes.hollow,
                            attributes.organ_name)
 
     return ReportRequest(
@@ -132,7 +135,7 @@ def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segm
         lesion_type=attributes.lesion_type, organ_extent_xyz=organ_extent(organ)[::-1],
         spacing_xyz_mm=tuple(options.spacing_xyz), fixed=dict(attributes.fixed),
         organ_mean_hu=float(ct[organ].mean()), contrast_enhanced=_contrast_enhanced(ct, segmentation),
-        size_problem=size_problem,
+        size_problem=size_problem, max_size_xyz=options.max_lesion_size_xyz,
     )
 
 
@@ -188,7 +191,9 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
             return result
         (case_dir / RECORD_FILE).unlink(missing_ok=True)
         _run_steps(case, attributes, options, reporter, segmentation_slots, outputs, result)
+        # source_ct: inference writes its results on this CT's grid (inference.cases.recorded_source).
         write_json_atomic(case_dir / RECORD_FILE, {"fingerprint": fingerprint, "outputs": OUTPUT_FILES,
+                                                   "source_ct": str(Path(case.ct_path).resolve()),
                                             "seconds": result.seconds, "warnings": result.warnings})
         result.status = "done"
     except LesionDiffusionError as error:
