@@ -17,7 +17,7 @@ from inference.options import parse_options
 from inference.paste import lesion_region
 from inference.runner import load_model, run_inference
 
-DILATE, FEATHER = 1, 2
+RIM_MM, SPACING = 2.0, (2.0, 2.0, 2.0)   # the phantoms are 2 mm, the fixture's rim 2 mm
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_linet_changes_only_the_lesion_region(pipeline):
         inpainted, geometry = read_volume(result.outputs["image"])
         original, _ = read_volume(row["img"])
         mask, _ = read_label(mask_result.outputs["mask"])
-        region = lesion_region(mask == 2, DILATE, FEATHER)
+        region = lesion_region(mask == 2, RIM_MM, SPACING)
         assert np.array_equal(geometry.to_file(inpainted)[geometry.to_file(~region)],
                               np.asanyarray(source.dataobj)[geometry.to_file(~region)])
         assert not np.array_equal(inpainted[mask == 2], original[mask == 2])
@@ -166,7 +166,7 @@ def test_tiled_vq_encoding_and_decoding_keep_the_guarantees(assets, tmp_path):
     assert whole.ok and tiled.ok, (whole.error, tiled.error)
     mask, _ = read_label(exp_dir / "case_006" / "samples_0.nii.gz")
     original = read_volume(assets["phantoms"] / "case_006" / "healthy.nii.gz")[0]
-    outside = ~lesion_region(mask == 2, DILATE, FEATHER)
+    outside = ~lesion_region(mask == 2, RIM_MM, SPACING)
     images = [read_volume(result.outputs["image"])[0] for result in (whole, tiled)]
     for image in images:
         assert np.array_equal(image[outside], original[outside]) and not np.array_equal(image, original)

@@ -189,8 +189,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
         from quality.gate import apply_quality_gate
 
         # The margins are passed explicitly: linet_report.json is written after the gate (or is an older run's).
-        dropped = apply_quality_gate(exp_dir, results, dilate_voxels=options.dilate_voxels,
-                                     feather_voxels=options.feather_voxels, label_list_name=options.lists["label"],
+        dropped = apply_quality_gate(exp_dir, results, rim_mm=options.rim_mm, label_list_name=options.lists["label"],
                                      seg_version=options.seg_version, progress=options.progress)
     report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results)
     return RunOutcome(stage, results, report, label_list, dropped)
