@@ -20,11 +20,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ldm.data.volume import read_geometry, read_label, read_volume, write_volume
+from ldm.data.volume import Geometry, read_geometry, read_label, read_volume, write_volume
 from ldm.errors import DataError, LesionDiffusionError
 from ldm.fileio import write_json_atomic
 from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
-from preprocessing.inputs import CaseInput
+from preprocessing.inputs import CaseInput, require_input
 from preprocessing.report_format import ReportRequest, size_bound_problem
 from preprocessing.segment import import_segmentation, run_totalsegmentator
 from preprocessing.standardise import standardise_ct
@@ -35,6 +35,8 @@ RECORD_FILE = "preprocess.json"
 AORTA_V1_ID = 7
 MIN_AORTA_VOXELS = 20
 ENHANCED_AORTA_HU = 150.0
+# Largest difference (mm) between the affines of a CT and its --seg-list segmentation that still counts as one grid.
+GRID_ATOL_MM = 1e-3
 # Inference keeps only lesion components larger than this (original LMNet/LINet rule).
 MIN_INFERENCE_VOXELS = 50
 
@@ -116,6 +118,18 @@ def _finished(case_dir: Path, fingerprint: str) -> bool:
         return False
 
 
+def check_same_grid(seg: Geometry, ct: Geometry) -> None:
+    """DataError unless the segmentation ``seg`` lies on the voxel grid of ``ct`` (same shape and affine)."""
+    if seg.shape != ct.shape:
+        raise DataError(f"{seg.source}: the segmentation's grid ({'x'.join(map(str, seg.shape))} voxels) does not "
+                        f"match its CT {ct.source} ({'x'.join(map(str, ct.shape))} voxels); --seg-list needs the "
+                        "segmentation of that very CT, on its grid")
+    if not np.allclose(seg.affine, ct.affine, atol=GRID_ATOL_MM):
+        raise DataError(f"{seg.source}: the segmentation's affine does not match its CT {ct.source} (same shape, "
+                        "other position, spacing or orientation); --seg-list needs the segmentation of that very "
+                        "CT, on its grid")
+
+
 def _contrast_enhanced(ct: np.ndarray, segmentation: np.ndarray) -> bool | None:
     aorta = segmentation == AORTA_V1_ID
     if np.count_nonzero(aorta) < MIN_AORTA_VOXELS:
@@ -181,9 +195,11 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
     try:
         with _step(result, "inputs"):
             attributes = interpret_attributes(parse_attribute_line(case.attributes_line, case.where), case.where)
-            read_geometry(case.ct_path)
+            require_input(case.ct_path, case.ct_tried, "CT")
+            ct_geometry = read_geometry(case.ct_path)
             if case.seg_path:
-                read_geometry(case.seg_path)
+                require_input(case.seg_path, case.seg_tried, "segmentation")
+                check_same_grid(read_geometry(case.seg_path), ct_geometry)
             fingerprint = case_fingerprint(case, options, reporter.settings)
         result.outputs = {name: str(path) for name, path in outputs.items()}
         if not options.overwrite and _finished(case_dir, fingerprint):
