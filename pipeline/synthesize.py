@@ -185,6 +185,7 @@ def synthesize(
     from inference.preflight import capacity_xyz
     from inference.runner import run_inference
     from preprocessing.standardise import as_spacing_xyz
+    from quality.gate import gate_stage
 
     config_files = find_config(lmnet_config), find_config(linet_config)
     configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress) for path in config_files]
@@ -212,7 +213,7 @@ def synthesize(
     if by_case:
         _preflight_rows(out, options, by_case)
     for stage, config in zip(("lmnet", "linet"), configs if by_case else ()):
-        outcome = run_inference(config, gpus=gpus)
+        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage)
         for result in outcome.results:
             row = by_case.get(result.case_id)
             if row is None or not row.ok:

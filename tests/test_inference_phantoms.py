@@ -10,12 +10,14 @@ from test_inference_fixtures import (inference_config, phantom_dataset, phantom_
 
 from ldm.data.organs import organ_id
 from ldm.data.volume import read_label, read_volume, write_volume
+from ldm.errors import ConfigError
 from inference.cases import read_cases
 from inference.devices import Placement
 from inference.lmnet import sample_masks
 from inference.options import parse_options
 from inference.paste import lesion_region
 from inference.runner import load_model, run_inference
+from quality.gate import gate_stage
 
 RIM_MM, SPACING = 2.0, (2.0, 2.0, 2.0)   # the phantoms are 2 mm, the fixture's rim 2 mm
 
@@ -191,7 +193,10 @@ def test_quality_gate_moves_failing_outputs_aside(assets, tmp_path):
     exp_dir = phantom_experiment(tmp_path / "exp", assets["phantoms"], cases=2)
     (exp_dir / "quality.toml").write_text("[tolerances]\nhu_abs = 0.0\n")
     run("lmnet", assets, exp_dir)
-    outcome = run("linet", assets, exp_dir, quality_gate=True)
+    with pytest.raises(ConfigError, match="quality_gate is true but no gate was given"):
+        run("linet", assets, exp_dir, quality_gate=True)
+    outcome = run_inference(inference_config("linet", assets["linet"], exp_dir, quality_gate=True),
+                            after_stage=gate_stage)
     assert len(outcome.dropped) == 2
     for result, dropped in zip(outcome.results, outcome.dropped):
         assert "image" not in result.outputs and result.outputs["rejected_image"] == str(dropped.moved_to)

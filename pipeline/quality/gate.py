@@ -138,3 +138,13 @@ def apply_quality_gate(exp_dir: str | os.PathLike, results: Sequence, tolerances
         result.warnings.append(f"quality gate: {'; '.join(reasons)}; output moved to {display_path(moved, exp_dir)}")
         dropped.append(DroppedOutput(result.case_id, spec.inpainted, moved, tuple(reasons)))
     return dropped
+
+
+def gate_stage(stage: str, exp_dir: Path, results: Sequence, options) -> list[DroppedOutput]:
+    """The ``after_stage`` hook of ``inference.runner.run_inference``: the gate after a LINet run whose options
+    (``inference.options.InferenceOptions``) set ``quality_gate``; nothing otherwise. Returns what was dropped."""
+    if stage != "linet" or not options.quality_gate:
+        return []
+    # The rim is passed explicitly: linet_report.json is written after the gate (or is an older run's).
+    return apply_quality_gate(exp_dir, results, rim_mm=options.rim_mm, label_list_name=options.lists["label"],
+                              seg_version=options.seg_version, progress=options.progress)
