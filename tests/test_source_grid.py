@@ -11,7 +11,7 @@ from test_inference_fixtures import inference_config, save_checkpoint
 import synthesize
 from demo.make_phantoms import make_phantoms
 from inference.paste import lesion_region
-from inference.source_grid import voxel_sizes
+from inference.source_grid import measure_changes, voxel_sizes
 
 RIM_MM = 2.0
 
@@ -48,10 +48,13 @@ def assert_on_input_grid(row, ct_path):
     beyond = ~lesion_region(lesion, RIM_MM, spacing)
     assert np.array_equal(stored[beyond], original[beyond])
     changed = stored != original
-    assert changed[lesion].any()
-    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
     outside = changed & ~lesion
-    return int(outside.sum()), float(distance[outside].max(initial=0.0))
+    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    measured = measure_changes(ct_path, row.outputs["linet_image"], row.outputs["linet_label"])
+    assert measured["changed_in_lesion"] == int(changed[lesion].sum()) > 0
+    assert measured["changed_outside_lesion"] == int(outside.sum())
+    assert measured["max_distance_mm"] == round(float(distance[outside].max(initial=0.0)), 2)
+    return measured["changed_outside_lesion"], measured["max_distance_mm"]
 
 
 def test_synthesis_into_the_real_ct_stays_on_its_grid(configs, tmp_path):

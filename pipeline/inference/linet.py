@@ -178,7 +178,7 @@ def hu_warning(record: LesionResult, tolerance: float) -> str | None:
 
 def _lesion_masks(label: np.ndarray) -> list[np.ndarray]:
     """Boolean masks of the face-connected lesions (value 2) of ``label``, largest first."""
-    components, count = ndimage.label(label == LESION_VALUE, structure=FACE_CONNECTIVITY)
+    components, _ = ndimage.label(label == LESION_VALUE, structure=FACE_CONNECTIVITY)
     sizes = np.bincount(components.ravel())[1:]
     return [components == index + 1 for index in np.argsort(-sizes, kind="stable")]
 

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldm.data.volume import Geometry, read_geometry
+from ldm.errors import DataError
 from ldm.fileio import atomic_path
 from inference.paste import blend_weights, rim_voxels
 
@@ -121,3 +122,25 @@ def write_on_source_grid(source_path: str | os.PathLike, std_geometry: Geometry,
     _save_like(label_path, source, label, 1.0, 0.0)
     return SourceGridResult(image_path, label_path, changed, int(lesion.sum()))
 
+
+
+def measure_changes(source_path: str | os.PathLike, output_path: str | os.PathLike,
+                    label_path: str | os.PathLike) -> dict:
+    """How an output differs from its input on one grid: lesion voxels (label 2), changed voxels inside and outside
+    the lesion, the largest distance (mm) of a changed voxel from the lesion and the largest |HU change| outside
+    it. Every changed voxel outside the lesion is label noise for a segmentation model."""
+    source, output, label = (nib.load(str(path)) for path in (source_path, output_path, label_path))
+    if not (source.shape == output.shape == label.shape and np.allclose(source.affine, output.affine)
+            and np.allclose(source.affine, label.affine)):
+        raise DataError(f"{output_path}: the CT, its output and the label must share one voxel grid")
+    before, after = source.get_fdata(dtype=np.float64), output.get_fdata(dtype=np.float64)
+    lesion = np.asanyarray(label.dataobj).reshape(before.shape) == LESION_VALUE
+    changed = before != after
+    outside = changed & ~lesion
+    spacing = voxel_sizes(source.affine)
+    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing) if lesion.any() else np.zeros(lesion.shape)
+    return {"grid": [int(s) for s in source.shape], "spacing_mm": [round(s, 3) for s in spacing],
+            "lesion_voxels": int(lesion.sum()), "changed_in_lesion": int((changed & lesion).sum()),
+            "changed_outside_lesion": int(outside.sum()),
+            "max_distance_mm": round(float(distance[outside].max(initial=0.0)), 2),
+            "max_abs_hu_outside": round(float(np.abs(after - before)[outside].max(initial=0.0)), 1)}
