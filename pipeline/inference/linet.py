@@ -204,17 +204,18 @@ def write_outputs(case: CaseSpec, inputs: ImageInputs, volume: np.ndarray, unble
     if written.lesion_voxels == 0:
         result.warnings.append("no lesion voxel left on the input grid (the lesions are smaller than its voxels); "
                                "the output equals the input")
-    if options.preview:
+    if not options.preview:
+        return
+    if written.lesion_voxels:
         before, grid = read_volume(source or inputs.geometry.source)
         after, _ = read_volume(written.image)
-        lesion_label, _ = read_label(written.label)
-        masks = _lesion_masks(lesion_label) if written.lesion_voxels else [c.mask for c in components]
-        if not written.lesion_voxels:
-            before, after, grid = inputs.ct, volume, inputs.geometry
-        result.outputs["preview"] = str(write_lesion_preview(
-            path.with_name(f"{stem}.png"), {"input": before, "inpainted": after}, masks, grid.spacing_zyx,
-            title=f"{case.case_id}: LINet inpainting, input grid {'x'.join(map(str, grid.shape))}, "
-                  f"rim {options.rim_mm:g} mm"))
+        masks = _lesion_masks(read_label(written.label)[0])
+    else:
+        before, after, grid, masks = inputs.ct, volume, inputs.geometry, [c.mask for c in components]
+    result.outputs["preview"] = str(write_lesion_preview(
+        path.with_name(f"{stem}.png"), {"input": before, "inpainted": after}, masks, grid.spacing_zyx,
+        title=f"{case.case_id}: LINet inpainting, input grid {'x'.join(map(str, grid.shape))}, "
+              f"rim {options.rim_mm:g} mm"))
 
 
 def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceOptions,

@@ -1,5 +1,5 @@
-"""Checks of every case before any model runs: its files are there, each lesion box fits the crops, each box
-overlaps its organ. A case with a problem fails at once, naming each problem; the others go on.
+"""Checks of every case before any model runs: its files are there (for LINet also the CT ``preprocess.py``
+recorded, whose grid the result goes on), each lesion box fits the crops, each box overlaps its organ. A case with a problem fails at once, naming each problem; the others go on.
 
 Why up front: a lesion box larger than a crop (with the blend rim around it) used to fail only after LMNet had
 sampled it. The same bound feeds ``preprocess.py`` (:func:`capacity_xyz`), so the reports never ask for a lesion
@@ -16,14 +16,17 @@ from ldm.data.attributes import organ_mask, select_organ_key
 from ldm.data.cases import load_case
 from ldm.data.organs import organ_name
 from ldm.errors import LesionDiffusionError
-from inference.cases import CaseSpec
+from inference.cases import CaseSpec, recorded_source
 from inference.common import case_grid
+from inference.linet import LMNET_HINT
 from inference.options import DEFAULT_CROPS, InferenceOptions
 from inference.paste import DEFAULT_RIM_MM, rim_voxels
 from inference.plan import fit_problem, select_components
 from inference.results import CaseResult
 
 INPUT_KINDS = {"lmnet": ("image", "boxes", "type", "seg"), "linet": ("image", "label", "type")}
+MISSING = {"image": "CT not found", "boxes": "box file not found", "type": "report file not found",
+           "seg": "segmentation not found", "label": f"lesion mask not found; {LMNET_HINT}"}
 
 
 def capacity_zyx(lmnet_crop: Sequence[int], linet_crop: Sequence[int], rim_mm: float,
@@ -44,7 +47,7 @@ def case_problems(case: CaseSpec, options: InferenceOptions,
                   other_crops: Sequence[tuple[Sequence[int], float]] = ()) -> list[str]:
     """Every problem of one case for ``options.stage`` (empty when it can run). ``other_crops``: further
     ``(crop_size, rim_mm)`` the boxes must fit, e.g. the LINet crop when checking before LMNet."""
-    missing = [f"{kind} file {case.paths.get(kind)} not found" for kind in INPUT_KINDS[options.stage]
+    missing = [f"{case.paths.get(kind)}: {MISSING[kind]}" for kind in INPUT_KINDS[options.stage]
                if not case.paths.get(kind) or not Path(case.paths[kind]).is_file()]
     if missing:
         return missing
@@ -53,6 +56,8 @@ def case_problems(case: CaseSpec, options: InferenceOptions,
     if case.paths.get("seg"):
         paths["seg"] = case.paths["seg"]
     try:
+        if options.stage == "linet":
+            recorded_source(paths["image"])  # the result goes on that CT's grid: it must still be there
         loaded = load_case(paths, need_image=False, seg_version=options.seg_version)
         geometry = case_grid(paths["image"], paths["label"], loaded.label.shape)
         masks = select_components(loaded.label, options.max_mask_num, options.min_component_voxels)
