@@ -34,14 +34,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ldm.data.attributes import linet_attributes, report_attributes, select_organ_key
 from ldm.data.cases import load_case
-from ldm.data.crops import FACE_CONNECTIVITY, take_crop
+from ldm.data.crops import take_crop
 from ldm.data.intensity import AIR_HU, hu_to_unit, unit_to_hu
 from ldm.data.organs import organ_name
-from ldm.data.volume import Geometry, read_label, read_volume, write_volume
+from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.util import make_generator
@@ -53,7 +52,7 @@ from inference.paste import output_dtype, paste_generated, rim_voxels, working_d
 from inference.plan import Component, lesion_seed, plan_components
 from inference.previews import write_lesion_preview
 from inference.results import CaseResult, LesionResult
-from inference.source_grid import LESION_VALUE, ORGAN_VALUE, write_on_source_grid
+from inference.source_grid import LESION_VALUE, ORGAN_VALUE, nearest_on_source_grid, write_on_source_grid
 
 LMNET_HINT = ("the LMNet stage failed for this case or has not been run: run test.py with "
               "configs/diffusion/maskdiffusion_test.yaml on this experiment first")
@@ -176,11 +175,14 @@ def hu_warning(record: LesionResult, tolerance: float) -> str | None:
             f"(more than {tolerance:.0f} HU apart)")
 
 
-def _lesion_masks(label: np.ndarray) -> list[np.ndarray]:
-    """Boolean masks of the face-connected lesions (value 2) of ``label``, largest first."""
-    components, _ = ndimage.label(label == LESION_VALUE, structure=FACE_CONNECTIVITY)
-    sizes = np.bincount(components.ravel())[1:]
-    return [components == index + 1 for index in np.argsort(-sizes, kind="stable")]
+def _lesions_on_source_grid(components: Sequence[Component], geometry: Geometry, source: Geometry) -> list[np.ndarray]:
+    """Each inpainted lesion (rank order) as a boolean ``(z, y, x)`` mask on the source grid; lesions that vanish
+    there (smaller than its voxels) are left out."""
+    ranks = np.zeros(geometry.shape_zyx, dtype=np.int16)
+    for component in components:
+        ranks[component.mask] = component.rank + 1
+    on_source = source.to_memory(nearest_on_source_grid(ranks, geometry, source.affine, source.shape))
+    return [mask for component in components if (mask := on_source == component.rank + 1).any()]
 
 
 def write_outputs(case: CaseSpec, inputs: ImageInputs, volume: np.ndarray, unblended: np.ndarray,
@@ -209,13 +211,12 @@ def write_outputs(case: CaseSpec, inputs: ImageInputs, volume: np.ndarray, unble
     if written.lesion_voxels:
         before, grid = read_volume(source or inputs.geometry.source)
         after, _ = read_volume(written.image)
-        masks = _lesion_masks(read_label(written.label)[0])
+        masks = _lesions_on_source_grid(components, inputs.geometry, grid)
     else:
         before, after, grid, masks = inputs.ct, volume, inputs.geometry, [c.mask for c in components]
     result.outputs["preview"] = str(write_lesion_preview(
         path.with_name(f"{stem}.png"), {"input": before, "inpainted": after}, masks, grid.spacing_zyx,
-        title=f"{case.case_id}: LINet inpainting, input grid {'x'.join(map(str, grid.shape))}, "
-              f"rim {options.rim_mm:g} mm"))
+        title=f"{case.case_id}: LINet, input grid, rim {options.rim_mm:g} mm"))
 
 
 def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceOptions,

@@ -55,6 +55,16 @@ def _load_source(path: str | os.PathLike) -> nib.Nifti1Image:
     return nib.load(str(path))
 
 
+def nearest_on_source_grid(array_std: np.ndarray, std_geometry: Geometry, source_affine: np.ndarray,
+                           source_shape) -> np.ndarray:
+    """An integer ``(z, y, x)`` array on ``std_geometry`` sampled by nearest neighbour (world coordinates) onto the
+    source grid; returned in the source file's order ``(i, j, k)``, 0 outside the standardised field of view."""
+    source_to_std = np.linalg.inv(std_geometry.affine) @ source_affine
+    array_file = np.ascontiguousarray(std_geometry.to_file(np.asarray(array_std)))
+    return ndimage.affine_transform(array_file, source_to_std[:3, :3], offset=source_to_std[:3, 3],
+                                    output_shape=tuple(source_shape), order=0, mode="grid-constant", cval=0)
+
+
 def _box_coordinates(box: tuple[slice, ...], source_to_std: np.ndarray) -> np.ndarray:
     """Standardised-grid voxel coordinates ``(3, *box shape)`` of the source voxels of ``box``."""
     grids = np.meshgrid(*[np.arange(b.start, b.stop, dtype=np.float64) for b in box], indexing="ij")
@@ -95,9 +105,7 @@ def write_on_source_grid(source_path: str | os.PathLike, std_geometry: Geometry,
     shape = tuple(int(s) for s in source.shape[:3])
     stored = stored.reshape(shape)
     source_to_std = np.linalg.inv(std_geometry.affine) @ source.affine
-    label_file = np.ascontiguousarray(std_geometry.to_file(np.asarray(label_std, dtype=np.uint8)))
-    label = ndimage.affine_transform(label_file, source_to_std[:3, :3], offset=source_to_std[:3, 3],
-                                     output_shape=shape, order=0, mode="grid-constant", cval=0)
+    label = nearest_on_source_grid(np.asarray(label_std, dtype=np.uint8), std_geometry, source.affine, shape)
     label = np.where(label == LESION_VALUE, LESION_VALUE, np.where(label > 0, ORGAN_VALUE, 0)).astype(np.uint8)
     lesion = label == LESION_VALUE
     changed = 0
