@@ -94,7 +94,7 @@ def test_a_lesion_that_cannot_fit_fails_before_lmnet(configs, tmp_path):
     assert not (tmp_path / "out" / "lmnet_report.json").exists()
     # A folder prepared for larger crops, then run with the small ones: the preflight names the problem and
     # LMNet samples nothing.
-    (row,) = run(configs, tmp_path / "big", [ct], [seg], attributes=size, overrides=["inference.crop_size=[32,64,64]"])
+    (row,) = run(configs, tmp_path / "big", [ct], [seg], attributes=size, overrides=["inference.crop_size=[32,24,24]"])
     assert row.ok, row.error
     config = OmegaConf.load(configs["lmnet"])
     config.inference.exp_dir = str(tmp_path / "big")

@@ -100,8 +100,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
                          ("blend", BLENDS), ("seg_version", ("v1", "v2"))):
         _choice(options, key, allowed)
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
-                         ("vq_tile", 2), ("vq_tile_overlap", 0),
-                         ("seed", 0)):
+                         ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0)):
         _at_least(options, key, minimum, int)
     for key in ("eta", "min_fill", "hu_tolerance", "rim_mm"):
         _at_least(options, key, 0.0)
