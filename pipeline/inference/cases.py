@@ -24,6 +24,8 @@ from ldm.errors import ConfigError, DataError
 from ldm.fileio import write_text_atomic
 
 PREPROCESS_RECORD = "preprocess.json"
+LMNET_HINT = ("the LMNet stage failed for this case or has not been run: run test.py with "
+              "configs/diffusion/maskdiffusion_test.yaml on this experiment first")
 
 
 @dataclass(frozen=True)

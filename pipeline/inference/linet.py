@@ -44,7 +44,7 @@ from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.util import make_generator
-from inference.cases import CaseSpec, output_path, recorded_source
+from inference.cases import LMNET_HINT, CaseSpec, output_path, recorded_source
 from inference.common import case_grid, check_crop, process_cases, unet_factor
 from inference.devices import autocast, autocast_dtype
 from inference.options import InferenceOptions
@@ -53,9 +53,6 @@ from inference.plan import Component, lesion_seed, plan_components
 from inference.previews import write_lesion_preview
 from inference.results import CaseResult, LesionResult
 from inference.source_grid import LESION_VALUE, ORGAN_VALUE, nearest_on_source_grid, write_on_source_grid
-
-LMNET_HINT = ("the LMNet stage failed for this case or has not been run: run test.py with "
-              "configs/diffusion/maskdiffusion_test.yaml on this experiment first")
 
 
 @dataclass

@@ -16,9 +16,8 @@ from ldm.data.attributes import organ_mask, select_organ_key
 from ldm.data.cases import load_case
 from ldm.data.organs import organ_name
 from ldm.errors import LesionDiffusionError
-from inference.cases import CaseSpec, recorded_source
+from inference.cases import LMNET_HINT, CaseSpec, recorded_source
 from inference.common import case_grid
-from inference.linet import LMNET_HINT
 from inference.options import DEFAULT_CROPS, InferenceOptions
 from inference.paste import DEFAULT_RIM_MM, rim_voxels
 from inference.plan import fit_problem, select_components
