@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.cli import one_line_warnings  # noqa: E402
 from ldm.errors import LesionDiffusionError  # noqa: E402
-from quality.gate import Evaluation, evaluate_outputs  # noqa: E402
+from quality.evaluation import Evaluation  # noqa: E402
+from quality.gate import evaluate_outputs  # noqa: E402
 from quality.measure import LesionQuality  # noqa: E402
-from quality.outputs import WHICH, find_outputs, paste_margins, read_linet_report  # noqa: E402
+from quality.outputs import WHICH, find_outputs, paste_rim, read_linet_report  # noqa: E402
 from quality.tables import write_results  # noqa: E402
 from quality.tolerances import CHECKS, Tolerances, resolve_tolerances  # noqa: E402
 
@@ -32,31 +33,29 @@ MAX_LISTED = 20
 
 
 def run_evaluation(exp_dir: str | os.PathLike, tolerances: Tolerances | None = None, which: str = "latest",
-                   dilate_voxels: int | None = None, feather_voxels: int | None = None,
-                   seg_version: str | None = None, plot: bool = True, progress: bool = True) -> Evaluation:
+                   rim_mm: float | None = None, seg_version: str | None = None, plot: bool = True,
+                   progress: bool = True) -> Evaluation:
     """Evaluate the outputs of ``exp_dir`` and write the CSV, summary and plot there; returns the Evaluation
     (graded lesions, outputs that failed to evaluate, cases skipped).
 
-    ``tolerances``: default from ``EXP_DIR/quality.toml`` or the built-in ones; ``dilate_voxels``/
-    ``feather_voxels``/``seg_version``: default from ``linet_report.json``'s options, else 2, 3 and ``v1``."""
+    ``tolerances``: default from ``EXP_DIR/quality.toml`` or the built-in ones; ``rim_mm``/``seg_version``: default
+    from ``linet_report.json``'s options, else 2 mm and ``v1``."""
     exp_dir = Path(exp_dir)
     tolerances = tolerances or resolve_tolerances(exp_dir)
-    dilate, feather = paste_margins(exp_dir, dilate_voxels, feather_voxels)
+    rim_mm = paste_rim(exp_dir, rim_mm)
     if seg_version is None:
         seg_version = ((read_linet_report(exp_dir) or {}).get("options") or {}).get("seg_version", "v1")
     specs, skipped = find_outputs(exp_dir, which)
-    evaluation = evaluate_outputs(specs, exp_dir, tolerances, dilate, feather, skipped, seg_version, progress)
+    evaluation = evaluate_outputs(specs, exp_dir, tolerances, rim_mm, skipped, seg_version, progress)
     write_results(exp_dir, evaluation, plot=plot)
     return evaluation
 
 
 def evaluate_experiment(exp_dir: str | os.PathLike, tolerances: Tolerances | None = None, which: str = "latest",
-                        dilate_voxels: int | None = None, feather_voxels: int | None = None,
-                        seg_version: str | None = None, plot: bool = True,
+                        rim_mm: float | None = None, seg_version: str | None = None, plot: bool = True,
                         progress: bool = True) -> list[LesionQuality]:
     """:func:`run_evaluation`, returning the graded lesions only (outputs in list order, lesions largest first)."""
-    return run_evaluation(exp_dir, tolerances, which, dilate_voxels, feather_voxels, seg_version, plot,
-                          progress).lesions
+    return run_evaluation(exp_dir, tolerances, which, rim_mm, seg_version, plot, progress).lesions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shell-mm", type=float, help="organ shell for the density reference, mm (10)")
     parser.add_argument("--disable", nargs="+", choices=CHECKS, metavar="CHECK",
                         help=f"checks that never fail: {', '.join(CHECKS)}")
-    parser.add_argument("--dilate-voxels", type=int, help="paste dilation (default: linet_report.json, else 2)")
-    parser.add_argument("--feather-voxels", type=int, help="paste feather (default: linet_report.json, else 3)")
+    parser.add_argument("--rim-mm", type=float, help="blend rim of the paste, mm (default: linet_report.json, else 2)")
     parser.add_argument("--seg-version", choices=("v1", "v2"), help="label order of the segmentations")
     parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when any lesion fails a check")
     parser.add_argument("--no-plot", action="store_true", help="do not write quality.png")
@@ -128,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments; returns the exit status."""
     try:
-        evaluation = run_evaluation(args.exp_dir, tolerances_from_args(args), args.which, args.dilate_voxels,
-                                    args.feather_voxels, args.seg_version, not args.no_plot, not args.no_progress)
+        evaluation = run_evaluation(args.exp_dir, tolerances_from_args(args), args.which, args.rim_mm,
+                                    args.seg_version, not args.no_plot, not args.no_progress)
     except LesionDiffusionError as error:
         if args.debug:
             raise

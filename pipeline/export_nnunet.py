@@ -12,7 +12,7 @@ named ``syn_<case>_<k>``: the inpainted CT and its mask (1 organ, 2 lesion, or l
 
 ``--only-passed`` runs the quality gate (:mod:`quality.gate`, tolerances as for ``evaluate.py``; it also writes
 ``EXP_DIR/quality.csv``). A failed lesion is then, with ``--failed ignore`` (default), covered by the ignore
-label over its whole paste region (lesion dilated by ``dilate + feather``; passed lesions keep their labels),
+label over its whole paste region (the lesion and its ``rim_mm`` blend rim; passed lesions keep their labels),
 so nnU-Net neither learns it as lesion nor as background; its case is dropped instead when every lesion failed,
 when the output changed voxels outside the paste regions, or when it could not be evaluated. With
 ``--failed drop`` any failed lesion drops its case. Every written case is read back and checked (grids, label
@@ -43,7 +43,7 @@ from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
 from quality import nnunet  # noqa: E402
 from quality.gate import display_path, evaluate_outputs  # noqa: E402
 from quality.measure import GRID_ATOL_MM, LesionQuality, paste_region, ranked_components  # noqa: E402
-from quality.outputs import WHICH, OutputSpec, find_outputs, paste_margins  # noqa: E402
+from quality.outputs import WHICH, OutputSpec, find_outputs, paste_rim  # noqa: E402
 from quality.tables import write_results  # noqa: E402
 from quality.tolerances import Tolerances, resolve_tolerances  # noqa: E402
 
@@ -92,7 +92,7 @@ def copy_image(source: Path, target: Path) -> Path:
 
 
 def gated_label(label: np.ndarray, mask: np.ndarray, lesions: list[LesionQuality], failed_mode: str, ignore: int,
-                dilate: int, feather: int) -> tuple[np.ndarray | None, str, int]:
+                rim_mm: float, spacing) -> tuple[np.ndarray | None, str, int]:
     """Apply the verdicts of one output to its label: ``(label or None to drop, reason, lesions ignored)``."""
     failed = [lesion for lesion in lesions if not lesion.passed]
     if not failed:
@@ -105,7 +105,7 @@ def gated_label(label: np.ndarray, mask: np.ndarray, lesions: list[LesionQuality
     failed_voxels = np.isin(components, [ranked[lesion.lesion] for lesion in failed])
     kept = (mask == 2) & ~failed_voxels
     label = label.copy()
-    label[paste_region(failed_voxels, dilate, feather) & ~kept] = ignore
+    label[paste_region(failed_voxels, rim_mm, spacing) & ~kept] = ignore
     return label, reason, len(failed)
 
 
@@ -127,7 +127,7 @@ class DatasetWriter:
 
 def _synthetic_case(writer: DatasetWriter, spec: OutputSpec, exp_dir: Path,
                     verdicts: dict[str, list[LesionQuality] | None] | None, failed_mode: str,
-                    margins: tuple[int, int], result: ExportResult) -> None:
+                    rim_mm: float, result: ExportResult) -> None:
     """Export one inpainted CT; with ``verdicts`` (output name -> graded lesions) only what the gate keeps."""
     output_verdicts = None if verdicts is None else verdicts.get(display_path(spec.inpainted, exp_dir))
     if verdicts is not None and output_verdicts is None:
@@ -139,7 +139,7 @@ def _synthetic_case(writer: DatasetWriter, spec: OutputSpec, exp_dir: Path,
     ignored = 0
     if output_verdicts is not None:
         label, reason, ignored = gated_label(label, mask, output_verdicts, failed_mode,
-                                             nnunet.ignore_value(writer.scheme), *margins)
+                                             nnunet.ignore_value(writer.scheme), rim_mm, mask_geometry.spacing_zyx)
         if label is None:
             result.dropped.append((str(spec.inpainted), reason))
             return
@@ -172,10 +172,10 @@ def _remove_stale(dataset_dir: Path, identifiers: set[str]) -> None:
                 path.unlink()
 
 
-def _verdicts(specs: list[OutputSpec], exp_dir: Path, tolerances: Tolerances, margins: tuple[int, int],
+def _verdicts(specs: list[OutputSpec], exp_dir: Path, tolerances: Tolerances, rim_mm: float,
               progress: bool) -> dict[str, list[LesionQuality] | None]:
     """Output name -> graded lesions (None when it could not be evaluated); writes the quality files."""
-    evaluation = evaluate_outputs(specs, exp_dir, tolerances, *margins, progress=progress)
+    evaluation = evaluate_outputs(specs, exp_dir, tolerances, rim_mm, progress=progress)
     write_results(exp_dir, evaluation)
     verdicts: dict[str, list[LesionQuality] | None] = {name: [] for name in evaluation.outputs}
     for lesion in evaluation.lesions:
@@ -204,14 +204,14 @@ def export_nnunet(exp_dir: str | os.PathLike, out_dir: str | os.PathLike, datase
     nnunet.check_free_id(out_dir, folder_name)
     _prepare_folder(dataset_dir, overwrite)
     result = ExportResult(dataset_dir, scheme_labels, dropped=[(item.case_id, item.reason) for item in skipped])
-    margins = paste_margins(exp_dir)
+    rim_mm = paste_rim(exp_dir)
     verdicts = None
     if only_passed:
         tolerances = tolerances or resolve_tolerances(exp_dir)
-        verdicts = _verdicts(specs, exp_dir, tolerances, margins, progress)
+        verdicts = _verdicts(specs, exp_dir, tolerances, rim_mm, progress)
     writer = DatasetWriter(dataset_dir, labels)
     jobs: list[tuple[str, Callable[[], None]]] = [
-        (str(spec.inpainted), partial(_synthetic_case, writer, spec, exp_dir, verdicts, failed, margins, result))
+        (str(spec.inpainted), partial(_synthetic_case, writer, spec, exp_dir, verdicts, failed, rim_mm, result))
         for spec in specs]
     if real_rows:
         jobs += [(image, partial(_real_case, writer, Path(image), Path(label)))

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--spacing", type=float, nargs="+", default=[DEFAULT_SPACING_MM],
                         help="target voxel size in mm: one value, or three (x y z of the LPS grid)")
+    parser.add_argument("--max-lesion-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="largest lesion (voxels of the standardised grid) a report may ask for; default: what "
+                             "the release test configs' crops hold at --spacing with the 2 mm blend rim")
     parser.add_argument("--boxes-per-case", type=int, default=1,
                         help="lesion boxes per CT (inference uses at most its max_mask_num, 3 in the release configs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reports and the box positions")
@@ -82,6 +85,7 @@ def make_reporter(args: argparse.Namespace):
 
 
 def _options(args: argparse.Namespace):
+    from inference.preflight import capacity_xyz
     from preprocessing.case import PreprocessOptions
     from preprocessing.standardise import as_spacing_xyz
 
@@ -89,7 +93,11 @@ def _options(args: argparse.Namespace):
                                  ("--seg-workers", args.seg_workers, 1)):
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
-    return PreprocessOptions(spacing_xyz=as_spacing_xyz(args.spacing), seg_version=args.seg_version,
+    spacing_xyz = as_spacing_xyz(args.spacing)
+    bound = tuple(args.max_lesion_size) if args.max_lesion_size else capacity_xyz(spacing_xyz)
+    if min(bound) < 1:
+        raise ConfigError(f"--max-lesion-size must be positive, got {list(bound)}")
+    return PreprocessOptions(spacing_xyz=spacing_xyz, max_lesion_size_xyz=bound, seg_version=args.seg_version,
                              seg_fast=args.seg_fast, seg_device=args.seg_device, boxes_per_case=args.boxes_per_case,
                              seed=args.seed, overwrite=args.overwrite, debug=args.debug)
 

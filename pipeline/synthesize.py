@@ -5,26 +5,32 @@
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
         [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1]
 
-Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the input's standardised grid) with a
-PNG preview beside it, plus everything ``preprocess.py`` and ``test.py`` write, and prints a table of what was
-written. The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
+Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
+affine, data type and scaling, unchanged beyond a thin rim around the lesions) and ``inpainting_0_label.nii.gz``
+(0 background, 1 organ, 2 lesion, same grid), a PNG preview, plus everything ``preprocess.py`` and ``test.py``
+write, and prints a table of what was written with each lesion's warnings. Before any model runs, the weights of
+both configs are checked, the reports are bounded by what the crops hold, and every case is checked (files, crop
+fit, box inside the organ). An identical rerun without ``--overwrite`` reuses the results (``DIR/synthesize.json``).
+The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ldm.cli import find_config, one_line_warnings, parse_gpus
 from ldm.errors import ConfigError, LesionDiffusionError
-from ldm.fileio import write_text_atomic
+from ldm.fileio import write_json_atomic, write_text_atomic
 from ldm.util import load_config, resolve_path
 
 DEFAULT_LMNET_CONFIG = "configs/diffusion/maskdiffusion_test.yaml"
 DEFAULT_LINET_CONFIG = "configs/diffusion/lesiondiffusion_test.yaml"
+RUN_RECORD = "synthesize.json"
 
 
 @dataclass
@@ -36,6 +42,7 @@ class SynthesisRow:
     stage: str = "done"
     error: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -56,12 +63,13 @@ def _write_inputs(out: Path, cts: Sequence[Path], attributes: Mapping[str, str],
 
 def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporter: str, spacing: Sequence[float],
                     boxes_per_case: int, llm_base_url: str | None, llm_model: str | None, overwrite: bool,
-                    progress: bool) -> list[dict]:
+                    progress: bool, max_lesion_size: Sequence[int]) -> list[dict]:
     """Run ``preprocess.py`` on the lists; returns its per-case records (input order)."""
     import preprocess
 
     argv = [str(lists["filelist"]), str(out), str(lists["attributes"]), "--seed", str(seed), "--reporter", reporter,
-            "--boxes-per-case", str(boxes_per_case), "--spacing", *[str(s) for s in spacing]]
+            "--boxes-per-case", str(boxes_per_case), "--spacing", *[str(s) for s in spacing],
+            "--max-lesion-size", *[str(s) for s in max_lesion_size]]
     if "seg_list" in lists:
         argv += ["--seg-list", str(lists["seg_list"]), "--seg-version", seg_version]
     if llm_base_url:
@@ -74,16 +82,69 @@ def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporte
     return json.loads((out / "preprocess_report.json").read_text())["cases"]
 
 
-def _run_stage(config_file: str, out: Path, seed: int, steps: int | None, gpus: Sequence[int],
-               overrides: Sequence[str], overwrite: bool):
-    """Run one inference stage (the test config's) on the experiment folder ``out``; returns its outcome."""
-    from inference.runner import run_inference
-
+def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, overrides: Sequence[str],
+                  overwrite: bool, progress: bool):
+    """The merged test config of one stage, pointed at the experiment folder ``out``."""
     stage_overrides = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
     if steps is not None:
         stage_overrides.append(f"inference.ddim_steps={steps}")
-    config = load_config([config_file], [*stage_overrides, *overrides])
-    return run_inference(config, gpus=gpus)
+    if not progress:
+        stage_overrides.append("inference.progress=false")
+    return load_config([config_file], [*stage_overrides, *overrides])
+
+
+def _stage_options(configs: Sequence) -> list:
+    """The checked ``inference:`` options of the LMNet and LINet configs; MissingWeightsError before anything runs
+    when a checkpoint is absent."""
+    from inference.options import parse_options
+    from inference.runner import check_weights, config_stage
+
+    options = []
+    for config, expected in zip(configs, ("lmnet", "linet")):
+        stage = config_stage(config)
+        if stage != expected:
+            raise ConfigError(f"the --{expected}-config is a {stage} config")
+        check_weights(config)
+        options.append(parse_options(config.get("inference"), stage))
+    return options
+
+
+def _fingerprint(settings: dict, config_files: Sequence[str], out: Path, case_ids: Sequence[str]) -> str:
+    """Hash of the settings, the config files and every case's preprocessing fingerprint (input bytes included)."""
+    content = {"settings": settings, "configs": [Path(path).read_text() for path in config_files], "cases": []}
+    for case_id in case_ids:
+        record = out / case_id / "preprocess.json"
+        content["cases"].append(json.loads(record.read_text()).get("fingerprint") if record.is_file() else None)
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reusable(out: Path, fingerprint: str) -> list[SynthesisRow] | None:
+    """The rows of an identical earlier run whose outputs all still exist, else None."""
+    try:
+        record = json.loads((out / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    rows = [SynthesisRow(**row) for row in record.get("rows", [])]
+    if not rows or not all(Path(path).is_file() for row in rows for path in row.outputs.values()):
+        return None
+    return rows
+
+
+def _preflight_rows(out: Path, options: Sequence, by_case: dict[str, SynthesisRow]) -> None:
+    """Check every preprocessed case against both stages before LMNet runs; a case with a problem fails in
+    ``preflight``, naming each problem."""
+    from inference.cases import read_cases
+    from inference.preflight import case_problems
+
+    lmnet, linet = options
+    for case in read_cases(out, dict(lmnet.lists)):
+        row = by_case.get(case.case_id)
+        problems = case_problems(case, lmnet, [(linet.crop_size, linet.rim_mm)])
+        if row is not None and problems:
+            row.stage, row.error = "preflight", "; ".join(problems)
+            del by_case[case.case_id]
 
 
 def synthesize(
@@ -121,11 +182,26 @@ def synthesize(
     if segs and len(segs) != len(cts):
         raise ConfigError(f"{len(cts)} CT(s) but {len(segs)} segmentation(s): give one --seg per --ct")
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
-    configs = find_config(lmnet_config), find_config(linet_config)
+    from inference.preflight import capacity_xyz
+    from inference.runner import run_inference
+    from preprocessing.standardise import as_spacing_xyz
+    from quality.gate import gate_stage
+
+    config_files = find_config(lmnet_config), find_config(linet_config)
+    configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress) for path in config_files]
+    options = _stage_options(configs)
+    bound = capacity_xyz(as_spacing_xyz(spacing), options[0].crop_size, options[1].crop_size, options[1].rim_mm)
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
     lists = _write_inputs(out, cts, wanted, segs)
     records = _run_preprocess(out, lists, seg_version, seed, reporter, spacing, boxes_per_case, llm_base_url,
-                              llm_model, overwrite, progress)
+                              llm_model, overwrite, progress, bound)
+    settings = {"cts": [str(ct) for ct in cts], "segs": [str(seg) for seg in segs or []], "wanted": wanted,
+                "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
+                "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model]}
+    fingerprint = _fingerprint(settings, config_files, out, [record["case_id"] for record in records])
+    reused = None if overwrite else _reusable(out, fingerprint)
+    if reused is not None:
+        return reused
     rows = [SynthesisRow(ct=str(ct)) for ct in cts]
     by_case = {}
     for row, record in zip(rows, records):
@@ -134,18 +210,20 @@ def synthesize(
             row.stage, row.error = "preprocess", record["error"]
         else:
             by_case[row.case_id] = row
-    if not by_case:
-        return rows
-    for stage, config_file in zip(("lmnet", "linet"), configs):
-        outcome = _run_stage(config_file, out, seed, steps, gpus, overrides, overwrite)
+    if by_case:
+        _preflight_rows(out, options, by_case)
+    for stage, config in zip(("lmnet", "linet"), configs if by_case else ()):
+        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage)
         for result in outcome.results:
             row = by_case.get(result.case_id)
             if row is None or not row.ok:
                 continue
+            row.warnings.extend(f"{stage}: {warning}" for warning in result.warnings)
             if result.ok:
                 row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
             else:
                 row.stage, row.error = stage, result.error
+    write_json_atomic(out / RUN_RECORD, {"fingerprint": fingerprint, "rows": [asdict(row) for row in rows]}, indent=1)
     return rows
 
 
@@ -157,6 +235,7 @@ def table(rows: Sequence[SynthesisRow]) -> list[str]:
             written = row.outputs.get("linet_image", "")
             lines.append(f"  {Path(row.ct).name} -> {row.case_id}: {written}")
             lines.extend(f"      {kind}: {path}" for kind, path in sorted(row.outputs.items()) if path != written)
+            lines.extend(f"      warning: {warning}" for warning in row.warnings)
         else:
             lines.append(f"  {Path(row.ct).name} -> {row.case_id or '-'}: FAILED in {row.stage}: {row.error}")
     failed = sum(not row.ok for row in rows)

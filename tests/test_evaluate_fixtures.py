@@ -19,7 +19,7 @@ from ldm.data.volume import read_label, read_volume, write_volume
 
 LISTS = {"img_list.txt": "ct.nii.gz", "seg_list.txt": "totalseg.nii.gz", "type_list.txt": "type.json",
          "bbox_list.txt": "bbox.nii.gz", "label_list.txt": "samples_0.nii.gz"}
-PASTE_OPTIONS = {"dilate_voxels": 2, "feather_voxels": 3}
+PASTE_OPTIONS = {"rim_mm": 12.0}  # 6 voxels of the 2 mm phantoms
 
 
 def write_linet_report(exp_dir: Path, cases: list[str], options: dict | None = None) -> Path:

@@ -136,7 +136,7 @@ def test_csv_summary_and_plot_are_written(tmp_path):
     assert rows[1]["check_unchanged_outside"] == "fail" and rows[0]["check_unchanged_outside"] == "pass"
     summary = json.loads((exp_dir / "quality_summary.json").read_text())
     assert (summary["passed"], summary["failed"], summary["pass_rate"]) == (2, 1, pytest.approx(2 / 3, abs=1e-4))
-    assert summary["paste_region"] == {"dilate_voxels": 2, "feather_voxels": 3}
+    assert summary["paste_region"] == {"rim_mm": 12.0}
     plot = exp_dir / "quality.png"
     image = imread(plot)
     assert image.shape[0] > 300 and image.shape[1] > 600 and plot.stat().st_size < 200_000
@@ -195,8 +195,8 @@ def test_paste_margins_come_from_the_linet_report(tmp_path):
     ring = ndimage.binary_dilation(lesion, iterations=4) & ~ndimage.binary_dilation(lesion, iterations=3)
     rewrite_volume(exp_dir / "case_000/inpainting_0.nii.gz", lambda ct: np.where(ring, ct + 5, ct))
     assert evaluate_experiment(exp_dir, progress=False, plot=False)[0].changed_outside_voxels == 0
-    write_linet_report(exp_dir, ["case_000"], {"dilate_voxels": 1, "feather_voxels": 1})
-    # The paste may touch voxels closer than dilate + feather + 1 = 3 voxels (Euclidean) to the lesion.
+    write_linet_report(exp_dir, ["case_000"], {"rim_mm": 6.0})
+    # The paste may touch voxels closer than 6 mm = 3 voxels of 2 mm (Euclidean) to the lesion.
     outside = ring & (ndimage.distance_transform_edt(~lesion) >= 3)
     assert 0 < outside.sum() < ring.sum()
     assert evaluate_experiment(exp_dir, progress=False, plot=False)[0].changed_outside_voxels == int(outside.sum())
@@ -214,7 +214,7 @@ def test_quality_gate_hook_moves_failing_outputs_aside(tmp_path):
         results.append(result)
     results[1].outputs["preview"] = str(exp_dir / "case_001/inpainting_0.png")
     results.append(CaseResult(3, "case_003", status="failed", error="no room"))
-    dropped = apply_quality_gate(exp_dir, results, dilate_voxels=2, feather_voxels=3, progress=False)
+    dropped = apply_quality_gate(exp_dir, results, rim_mm=12.0, progress=False)
     assert [(item.case_id, item.moved_to) for item in dropped] == [
         ("case_001", exp_dir / "case_001/rejected/inpainting_0.nii.gz")]
     assert "hu" in dropped[0].reasons[0] and not (exp_dir / "case_001/inpainting_0.nii.gz").exists()
@@ -223,7 +223,7 @@ def test_quality_gate_hook_moves_failing_outputs_aside(tmp_path):
     assert "quality gate: lesion 0 failed hu" in results[1].warnings[0]
     assert results[0].outputs["image"].endswith("case_000/inpainting_0.nii.gz") and not results[0].warnings
     assert len(list(csv.DictReader(open(exp_dir / "quality.csv")))) == 3
-    write_run_report(exp_dir / "linet_report.json", "linet", {"dilate_voxels": 2, "feather_voxels": 3}, results[:3])
+    write_run_report(exp_dir / "linet_report.json", "linet", {"rim_mm": 12.0}, results[:3])
     evaluation = run_evaluation(exp_dir, progress=False, plot=False)
     assert [item.case_id for item in evaluation.skipped] == ["case_001"]
     assert "rejected by the quality gate" in evaluation.skipped[0].reason

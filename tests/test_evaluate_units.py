@@ -79,13 +79,13 @@ def test_changed_outside_allows_exactly_the_paste_region():
     ct = np.zeros(lesion.shape, dtype=np.float32)
     inside = ct.copy()
     inside[lesion] = 100.0
-    inside[15, 15, 15 + 5] = 7.0  # distance 5 from the lesion: dilate 2 + feather 3, still pasted
-    assert changed_outside(ct, inside, lesion, 2, 3) == (0, 0.0)
+    inside[15, 15, 15 + 2] = 7.0  # 2 voxels of 0.8 mm = 1.6 mm from the lesion: inside a 2 mm rim
+    assert changed_outside(ct, inside, lesion, 2.0, (1.0, 1.0, 0.8)) == (0, 0.0)
     outside = inside.copy()
-    outside[15, 15, 15 + 6] = -9.0  # distance 6: outside
+    outside[15, 15, 15 + 3] = -9.0  # 2.4 mm: outside
     outside[0, 0, 0] = 4.0
-    assert changed_outside(ct, outside, lesion, 2, 3) == (2, 9.0)
-    assert changed_outside(ct, outside, lesion, 3, 3) == (1, 4.0)
+    assert changed_outside(ct, outside, lesion, 2.0, (1.0, 1.0, 0.8)) == (2, 9.0)
+    assert changed_outside(ct, outside, lesion, 2.5, (1.0, 1.0, 0.8)) == (1, 4.0)
 
 
 def test_components_are_ranked_largest_first_and_grouped_by_their_box():

@@ -96,7 +96,7 @@ def test_only_passed_marks_failed_lesions_ignore_and_drops_what_cannot_be_kept(t
     mask, _ = read_label(exp_dir / "case_001/samples_0.nii.gz")
     written, _ = read_label(result.dataset_dir / "labelsTr" / "syn_case_001_0.nii.gz")
     distance = ndimage.distance_transform_edt(~second)
-    assert np.all(written[second] == 3) and np.all(written[distance < 6] == 3)  # dilate 2 + feather 3
+    assert np.all(written[second] == 3) and np.all(written[distance < 6] == 3)  # rim 12 mm = 6 voxels of 2 mm
     far = distance >= 6
     assert np.array_equal(written[far], mask[far]) and np.any(written == 2)
     real, _ = read_label(tmp_path / "phantoms" / "case_000" / "label.nii.gz")

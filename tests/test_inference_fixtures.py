@@ -65,7 +65,7 @@ def inference_config(stage: str, checkpoint: Path, exp_dir: Path | None, **infer
     """A merged test config for the tiny model: few DDIM steps, tiny crops, no progress bars, CPU."""
     settings = {"exp_dir": str(exp_dir) if exp_dir else None, "ddim_steps": 3, "seed": 7, "device": "cpu",
                 "crop_size": list(LMNET_CROP if stage == "lmnet" else LINET_CROP), "progress": False,
-                "dilate_voxels": 1, "feather_voxels": 2}
+                **({"rim_mm": 2.0} if stage == "linet" else {})}
     settings.update(inference)
     block = model_block(stage)
     block["params"]["ckpt_path"] = str(checkpoint)

@@ -10,14 +10,16 @@ from test_inference_fixtures import (inference_config, phantom_dataset, phantom_
 
 from ldm.data.organs import organ_id
 from ldm.data.volume import read_label, read_volume, write_volume
+from ldm.errors import ConfigError
 from inference.cases import read_cases
 from inference.devices import Placement
 from inference.lmnet import sample_masks
 from inference.options import parse_options
 from inference.paste import lesion_region
 from inference.runner import load_model, run_inference
+from quality.gate import gate_stage
 
-DILATE, FEATHER = 1, 2
+RIM_MM, SPACING = 2.0, (2.0, 2.0, 2.0)   # the phantoms are 2 mm, the fixture's rim 2 mm
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_linet_changes_only_the_lesion_region(pipeline):
         inpainted, geometry = read_volume(result.outputs["image"])
         original, _ = read_volume(row["img"])
         mask, _ = read_label(mask_result.outputs["mask"])
-        region = lesion_region(mask == 2, DILATE, FEATHER)
+        region = lesion_region(mask == 2, RIM_MM, SPACING)
         assert np.array_equal(geometry.to_file(inpainted)[geometry.to_file(~region)],
                               np.asanyarray(source.dataobj)[geometry.to_file(~region)])
         assert not np.array_equal(inpainted[mask == 2], original[mask == 2])
@@ -166,7 +168,7 @@ def test_tiled_vq_encoding_and_decoding_keep_the_guarantees(assets, tmp_path):
     assert whole.ok and tiled.ok, (whole.error, tiled.error)
     mask, _ = read_label(exp_dir / "case_006" / "samples_0.nii.gz")
     original = read_volume(assets["phantoms"] / "case_006" / "healthy.nii.gz")[0]
-    outside = ~lesion_region(mask == 2, DILATE, FEATHER)
+    outside = ~lesion_region(mask == 2, RIM_MM, SPACING)
     images = [read_volume(result.outputs["image"])[0] for result in (whole, tiled)]
     for image in images:
         assert np.array_equal(image[outside], original[outside]) and not np.array_equal(image, original)
@@ -191,7 +193,10 @@ def test_quality_gate_moves_failing_outputs_aside(assets, tmp_path):
     exp_dir = phantom_experiment(tmp_path / "exp", assets["phantoms"], cases=2)
     (exp_dir / "quality.toml").write_text("[tolerances]\nhu_abs = 0.0\n")
     run("lmnet", assets, exp_dir)
-    outcome = run("linet", assets, exp_dir, quality_gate=True)
+    with pytest.raises(ConfigError, match="quality_gate is true but no gate was given"):
+        run("linet", assets, exp_dir, quality_gate=True)
+    outcome = run_inference(inference_config("linet", assets["linet"], exp_dir, quality_gate=True),
+                            after_stage=gate_stage)
     assert len(outcome.dropped) == 2
     for result, dropped in zip(outcome.results, outcome.dropped):
         assert "image" not in result.outputs and result.outputs["rejected_image"] == str(dropped.moved_to)

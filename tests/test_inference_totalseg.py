@@ -56,7 +56,7 @@ def test_linet_keeps_every_voxel_outside_the_lesion_region(example_run):
     np.testing.assert_array_equal(output.affine, source.affine)
     assert output.shape == source.shape and output.get_data_dtype() == source.get_data_dtype() == np.int16
     mask, geometry = read_label(example_run["lmnet"].results[0].outputs["mask"])
-    outside = geometry.to_file(~lesion_region(mask == 2, 1, 2))
+    outside = geometry.to_file(~lesion_region(mask == 2, 2.0, geometry.spacing_zyx))
     assert np.array_equal(np.asanyarray(output.dataobj)[outside], np.asanyarray(source.dataobj)[outside])
     inpainted, _ = read_volume(result.outputs["image"])
     original, _ = read_volume(example_run["example"] / "example_ct_sm.nii.gz")
@@ -94,9 +94,18 @@ def test_preprocess_then_lmnet_then_linet(tmp_path, monkeypatch):
     report = json.loads((exp_dir / "example_ct_sm" / "type.json").read_text())
     requested = float(short_ct_value(report["5"][2]["CT value"]).split()[0])
     assert [lesion.requested_hu for lesion in inpainted.lesions] == [requested, requested]
+    # The standardised result (the grid the models ran on) beside the one on the user's grid.
     ct = nib.load(exp_dir / "example_ct_sm" / "ct.nii.gz")
-    output = nib.load(inpainted.outputs["image"])
-    np.testing.assert_array_equal(output.affine, ct.affine)
-    assert output.shape == ct.shape and output.get_data_dtype() == ct.get_data_dtype()
-    outside = geometry.to_file(~lesion_region(mask == 2, 1, 2))
-    assert np.array_equal(np.asanyarray(output.dataobj)[outside], np.asanyarray(ct.dataobj)[outside])
+    standardised = nib.load(inpainted.outputs["standardised"])
+    np.testing.assert_array_equal(standardised.affine, ct.affine)
+    assert standardised.shape == ct.shape and standardised.get_data_dtype() == ct.get_data_dtype()
+    outside = geometry.to_file(~lesion_region(mask == 2, 2.0, geometry.spacing_zyx))
+    assert np.array_equal(np.asanyarray(standardised.dataobj)[outside], np.asanyarray(ct.dataobj)[outside])
+    source = nib.load(example / "example_ct_sm.nii.gz")
+    output, label = nib.load(inpainted.outputs["image"]), nib.load(inpainted.outputs["label"])
+    for written in (output, label):
+        np.testing.assert_array_equal(written.affine, source.affine)
+        assert written.shape == source.shape
+    user_lesion = np.asanyarray(label.dataobj) == 2
+    assert user_lesion.any() and np.array_equal(output.dataobj.get_unscaled()[~user_lesion],
+                                                source.dataobj.get_unscaled()[~user_lesion])

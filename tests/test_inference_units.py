@@ -99,7 +99,7 @@ def test_plan_pads_volumes_smaller_than_the_crop_and_rejects_lesions_too_large()
     assert window.pad_before == (3, 0, 0) and window.crop_start[0] == 0
     assert window.crop_start[1] == 40 - 16 and window.crop_start[2] == 0
     assert component.extent == (4, 6, 4) and component.voxels == 96
-    with pytest.raises(DataError, match="does not fit the crop"):
+    with pytest.raises(DataError, match="more than the crop"):
         plan_components(label, (16, 16, 16), 3, 0, margin=6)
 
 
@@ -156,16 +156,19 @@ def test_fill_holes_fills_enclosed_cavities():
 
 
 # ------------------------------------------------------------------------------------------------- paste
-def test_blend_weights_profile():
+def test_blend_weights_fade_over_the_rim_in_mm_at_any_spacing():
     lesion = np.zeros((1, 1, 15), dtype=bool)
     lesion[0, 0, 7] = True
-    weights = blend_weights(lesion, dilate=2, feather=3)[0, 0]
-    assert list(weights[5:10]) == [1.0] * 5
-    expected = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3)]
-    np.testing.assert_allclose(weights[10:13], expected, rtol=1e-6)
-    np.testing.assert_allclose(weights[2:5], expected[::-1], rtol=1e-6)
-    assert weights[13] == 0 and weights[1] == 0 and weights[0] == 0
-    assert lesion_region(lesion, 0, 0).sum() == 1 and not blend_weights(np.zeros((3, 3, 3), bool), 1, 1).any()
+    weights = blend_weights(lesion, rim_mm=2.0, spacing=(1.0, 1.0, 0.5))[0, 0]
+    expected = [0.5 * (1 + math.cos(math.pi * d / 2.0)) for d in (0.5, 1.0, 1.5)]
+    assert weights[7] == 1.0
+    np.testing.assert_allclose(weights[8:11], expected, rtol=1e-6)
+    np.testing.assert_allclose(weights[4:7], expected[::-1], rtol=1e-6)
+    assert not weights[11:].any() and not weights[:4].any()        # 2 mm and farther: untouched
+    coarse = blend_weights(lesion, rim_mm=2.0, spacing=(3.0, 3.0, 3.0))[0, 0]
+    assert list(np.flatnonzero(coarse)) == [7]                      # 3 mm voxels: only the lesion changes
+    assert lesion_region(lesion, 0.0, (1, 1, 1)).sum() == 1
+    assert not blend_weights(np.zeros((3, 3, 3), bool), 1.0, (1, 1, 1)).any()
 
 
 def test_paste_changes_only_the_lesion_region_and_matches_the_surroundings():
@@ -178,12 +181,17 @@ def test_paste_changes_only_the_lesion_region_and_matches_the_surroundings():
     lesion = take_crop(lesion_full, window, fill=False)
     generated = take_crop(original, window, fill=-1000).astype(np.float64) - 30.0   # a reconstruction 30 HU low
     generated[lesion] = 500.0
-    offset = paste_generated(volume, generated, lesion, window, dilate=1, feather=2, match_surroundings=True)
-    region = lesion_region(lesion_full, 1, 2)
+    unblended = original.copy()
+    offset = paste_generated(volume, generated, lesion, window, 2.0, (2.0, 1.0, 1.0), match_surroundings=True,
+                             unblended=unblended)
+    region = lesion_region(lesion_full, 2.0, (2.0, 1.0, 1.0))
+    assert region.sum() > lesion_full.sum() and not region[4, 9, 10] and region[5, 7, 10]
     assert offset == pytest.approx(30.0)
     assert np.array_equal(volume[~region], original[~region])
     np.testing.assert_allclose(volume[lesion_full], 530.0)
     np.testing.assert_allclose(volume[region & ~lesion_full], original[region & ~lesion_full], atol=1e-3)
+    assert np.array_equal(unblended[~region], original[~region])
+    np.testing.assert_allclose(unblended[region & ~lesion_full], original[region & ~lesion_full], atol=1e-3)
 
 
 def geometry(dtype, slope=None, intercept=None):

@@ -6,9 +6,13 @@ to ``exp_dir/<case>/``: for a CT inside ``exp_dir`` (the ``preprocess.py`` layou
 for a CT elsewhere, a folder named after the CT's folder (inputs are never written to). Output files are numbered
 ``<stem>_<k>.nii.gz``: a new run takes the first unused ``k`` and so never replaces earlier results, unless
 ``overwrite`` is set, which rewrites ``k = 0``.
+
+``preprocess.py`` records in ``<case>/preprocess.json`` the CT the user gave (``source_ct``) next to the
+standardised ``ct.nii.gz``; LINet writes its results on that CT's grid (:func:`recorded_source`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -18,6 +22,10 @@ from pathlib import Path
 from ldm.data.lists import read_aligned_lists
 from ldm.errors import ConfigError, DataError
 from ldm.fileio import write_text_atomic
+
+PREPROCESS_RECORD = "preprocess.json"
+LMNET_HINT = ("the LMNet stage failed for this case or has not been run: run test.py with "
+              "configs/diffusion/maskdiffusion_test.yaml on this experiment first")
 
 
 @dataclass(frozen=True)
@@ -92,3 +100,25 @@ def write_list(path: Path, entries: list[Path]) -> Path:
         entry = Path(entry).resolve()
         lines.append(str(entry.relative_to(base)) if entry.is_relative_to(base) else str(entry))
     return write_text_atomic(path, "".join(f"{line}\n" for line in lines))
+
+
+def recorded_source(image_path: str | os.PathLike) -> Path | None:
+    """The user's CT that ``preprocess.py`` standardised into ``image_path`` (from the case's ``preprocess.json``),
+    or None when the image was not made by ``preprocess.py`` (it is then the user's CT itself). DataError when
+    the record is unreadable or the recorded CT is gone."""
+    image_path = Path(image_path)
+    record = image_path.parent / PREPROCESS_RECORD
+    if not record.is_file():
+        return None
+    try:
+        content = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{record}: cannot read the preprocessing record ({error})") from None
+    source = content.get("source_ct") if isinstance(content, dict) else None
+    if not source or (content.get("outputs") or {}).get("img") != image_path.name:
+        return None
+    source = Path(source)
+    if not source.is_file():
+        raise DataError(f"{source}: the CT given to preprocess.py (recorded in {record}) is gone; the result is "
+                        "written on that CT's grid, so restore it or run preprocess.py again")
+    return source

@@ -63,23 +63,24 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``test.py``; returns 0 when every case succeeded, 1 otherwise."""
+def main(argv: list[str] | None = None, after_stage=None) -> int:
+    """Entry point of ``test.py`` (which passes the quality gate as ``after_stage``, see
+    :func:`inference.runner.run_inference`); returns 0 when every case succeeded, 1 otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
     arguments, overrides = split_overrides(argv)
     args = build_parser().parse_args(arguments)
     with one_line_warnings():
-        return run(args, overrides)
+        return run(args, overrides, after_stage)
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> int:
+def run(args: argparse.Namespace, overrides: list[str], after_stage=None) -> int:
     """Run the parsed command line; returns the exit status."""
     from inference.runner import run_inference
 
     try:
         config = load_config([find_config(path) for path in args.base])
         config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
-        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug)
+        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage)
     except LesionDiffusionError as error:
         if args.debug:
             raise

@@ -9,10 +9,19 @@ Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, lar
    downsampling, which can miss thin parts); DDIM in the latent keeps the clean latent outside the mask and is
    guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
 3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
-   outside the dilated, feathered lesion every voxel is the input's.
+   beyond a rim of ``rim_mm`` around the lesion every voxel is the input's.
 
-The result has the CT's shape, affine and dtype class, plus a PNG preview (three planes through each lesion,
-input and inpainted). Use from Python: ``inpaint_cases(model, read_cases(exp_dir, options.lists), options)``.
+Outputs, in the case folder (``k`` the first unused number, see :mod:`inference.cases`):
+
+- ``inpainting_<k>.nii.gz``: the CT **on the grid of the CT the user gave** (for a ``preprocess.py`` folder the
+  source CT it recorded, else the listed CT itself): same shape, affine, data type, scaling and orientation codes;
+  every voxel farther than the rim from the lesion bit-identical to that file (:mod:`inference.source_grid`);
+- ``inpainting_<k>_label.nii.gz``: 0 background, 1 organ, 2 lesion, uint8, on the same grid;
+- ``inpainting_<k>_std.nii.gz``: the CT with the lesions on the standardised grid the models ran on (only when
+  that grid is not the user's), the file the quality gate measures, paired with ``samples_<k>.nii.gz``;
+- ``inpainting_<k>.png``: three planes through each lesion on the user's grid, input and inpainted.
+
+Use from Python: ``inpaint_cases(model, read_cases(exp_dir, options.lists), options)``.
 """
 from __future__ import annotations
 
@@ -36,17 +45,15 @@ from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.util import make_generator
 from inference.batching import run_cases
-from inference.cases import CaseSpec, output_path
+from inference.cases import LMNET_HINT, CaseSpec, output_path, recorded_source
 from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
 from inference.options import InferenceOptions
-from inference.paste import output_dtype, paste_generated, working_dtype
+from inference.paste import output_dtype, paste_generated, rim_voxels, working_dtype
 from inference.plan import Component, lesion_seed, plan_components
 from inference.previews import write_lesion_preview
 from inference.results import CaseResult, LesionResult
-
-LMNET_HINT = ("the LMNet stage failed for this case or has not been run: run test.py with "
-              "configs/diffusion/maskdiffusion_test.yaml on this experiment first")
+from inference.source_grid import LESION_VALUE, ORGAN_VALUE, nearest_on_source_grid, write_on_source_grid
 
 
 @dataclass
@@ -129,8 +136,9 @@ def latent_mask(lesion: np.ndarray, factor: int, device: torch.device) -> torch.
 @torch.no_grad()
 def inpaint_lesion(model: InpaintingDiffusion, inputs: ImageInputs, volume: np.ndarray, component: Component,
                    case_index: int, options: InferenceOptions, precision: torch.dtype | None = None,
-                   step_progress: bool = False) -> LesionResult:
-    """Inpaint one lesion into ``volume`` (HU, modified in place); returns the lesion record."""
+                   step_progress: bool = False, unblended: np.ndarray | None = None) -> LesionResult:
+    """Inpaint one lesion into ``volume`` (HU, modified in place; ``unblended`` receives the generated values
+    themselves, see :func:`inference.paste.paste_generated`); returns the lesion record."""
     start = time.perf_counter()
     window = component.window
     lesion = take_crop(component.mask, window, fill=False)
@@ -148,8 +156,8 @@ def inpaint_lesion(model: InpaintingDiffusion, inputs: ImageInputs, volume: np.n
                                  guidance_scale=options.guidance_scale, blend=options.blend, use_ema=options.use_ema,
                                  progress=step_progress)
     generated = unit_to_hu(decode_crop(model, inpainted, options.crop_size, options))
-    offset = paste_generated(volume, generated, lesion, window, options.dilate_voxels, options.feather_voxels,
-                             options.match_surroundings)
+    offset = paste_generated(volume, generated, lesion, window, options.rim_mm, inputs.geometry.spacing_zyx,
+                             options.match_surroundings, unblended)
     requested = float(text["CT value"].split()[0]) if "CT value" in text else None
     return LesionResult(rank=component.rank, seed=seed, voxels=component.voxels, organ=organ_name(key),
                         hu_offset=round(offset, 2), mean_hu=round(float(volume[component.mask].mean()), 1),
@@ -165,32 +173,70 @@ def hu_warning(record: LesionResult, tolerance: float) -> str | None:
             f"(more than {tolerance:.0f} HU apart)")
 
 
+def _lesions_on_source_grid(components: Sequence[Component], geometry: Geometry, source: Geometry) -> list[np.ndarray]:
+    """Each inpainted lesion (rank order) as a boolean ``(z, y, x)`` mask on the source grid; lesions that vanish
+    there (smaller than its voxels) are left out."""
+    ranks = np.zeros(geometry.shape_zyx, dtype=np.int16)
+    for component in components:
+        ranks[component.mask] = component.rank + 1
+    on_source = source.to_memory(nearest_on_source_grid(ranks, geometry, source.affine, source.shape))
+    return [mask for component in components if (mask := on_source == component.rank + 1).any()]
+
+
+def write_outputs(case: CaseSpec, inputs: ImageInputs, volume: np.ndarray, unblended: np.ndarray,
+                  components: Sequence[Component], options: InferenceOptions, result: CaseResult) -> None:
+    """Write the outputs listed in the module docstring for one inpainted case into ``result.outputs``."""
+    path = output_path(case.out_dir, "inpainting", options.overwrite)
+    stem = path.name[: -len(".nii.gz")]
+    inpainted = np.zeros(volume.shape, dtype=bool)
+    for component in components:
+        inpainted |= component.mask
+    label = np.where(inpainted, LESION_VALUE, np.where(inputs.label > 0, ORGAN_VALUE, 0)).astype(np.uint8)
+    source = recorded_source(inputs.geometry.source)
+    if source is not None:
+        standardised = path.with_name(f"{stem}_std.nii.gz")
+        result.outputs["standardised"] = str(write_volume(standardised, volume, inputs.geometry,
+                                                          dtype=output_dtype(inputs.geometry, inputs.ct)))
+    written = write_on_source_grid(source or inputs.geometry.source, inputs.geometry, unblended, label,
+                                   options.rim_mm, path, path.with_name(f"{stem}_label.nii.gz"))
+    result.outputs["image"], result.outputs["label"] = str(written.image), str(written.label)
+    result.outputs.setdefault("standardised", str(written.image))
+    if written.lesion_voxels == 0:
+        result.warnings.append("no lesion voxel left on the input grid (the lesions are smaller than its voxels); "
+                               "the output equals the input")
+    if not options.preview:
+        return
+    if written.lesion_voxels:
+        before, grid = read_volume(source or inputs.geometry.source)
+        after, _ = read_volume(written.image)
+        masks = _lesions_on_source_grid(components, inputs.geometry, grid)
+    else:
+        before, after, grid, masks = inputs.ct, volume, inputs.geometry, [c.mask for c in components]
+    result.outputs["preview"] = str(write_lesion_preview(
+        path.with_name(f"{stem}.png"), {"input": before, "inpainted": after}, masks, grid.spacing_zyx,
+        title=f"{case.case_id}: LINet, input grid, rim {options.rim_mm:g} mm"))
+
+
 def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceOptions,
                  precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False) -> CaseResult:
-    """Inpaint every lesion of one case and write ``inpainting_<k>.nii.gz`` and its PNG preview; never raises for
-    a bad case: the reason is in the returned result."""
+    """Inpaint every lesion of one case and write the outputs of the module docstring; never raises for a bad
+    case: the reason is in the returned result."""
     result = CaseResult(case.index, case.case_id)
     try:
         inputs = read_image_inputs(case, options)
-        margin = options.dilate_voxels + options.feather_voxels
+        margin = rim_voxels(options.rim_mm, inputs.geometry.spacing_zyx)
         components = plan_components(inputs.label, options.crop_size, options.max_mask_num,
                                      options.min_component_voxels, margin=margin)
-        dtype = output_dtype(inputs.geometry, inputs.ct)
         volume = inputs.ct.copy()
+        unblended = inputs.ct.copy()
         for component in components:
-            record = inpaint_lesion(model, inputs, volume, component, case.index, options, precision, step_progress)
+            record = inpaint_lesion(model, inputs, volume, component, case.index, options, precision, step_progress,
+                                    unblended)
             result.lesions.append(record)
             warning = hu_warning(record, options.hu_tolerance)
             if warning:
                 result.warnings.append(warning)
-        path = output_path(case.out_dir, "inpainting", options.overwrite)
-        result.outputs["image"] = str(write_volume(path, volume, inputs.geometry, dtype=dtype))
-        if options.preview:
-            preview = write_lesion_preview(path.with_name(path.name.replace(".nii.gz", ".png")),
-                                           {"input": inputs.ct, "inpainted": volume},
-                                           [component.mask for component in components],
-                                           inputs.geometry.spacing_zyx, title=f"{case.case_id}: LINet inpainting")
-            result.outputs["preview"] = str(preview)
+        write_outputs(case, inputs, volume, unblended, components, options, result)
         result.status = "done"
     except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
         result.fail(error, debug)

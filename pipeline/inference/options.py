@@ -69,8 +69,7 @@ class InferenceOptions:
     fill_holes: bool = True
     # LINet
     blend: str = "clean"
-    dilate_voxels: int = 2
-    feather_voxels: int = 3
+    rim_mm: float = 2.0
     match_surroundings: bool = True
     hu_tolerance: float = 150.0
     quality_gate: bool = False
@@ -103,10 +102,9 @@ def check(options: InferenceOptions) -> InferenceOptions:
                          ("blend", BLENDS), ("seg_version", ("v1", "v2"))):
         _choice(options, key, allowed)
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
-                         ("dilate_voxels", 0), ("feather_voxels", 0), ("vq_tile", 2), ("vq_tile_overlap", 0),
-                         ("seed", 0), ("batch_size", 1)):
+                         ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1)):
         _at_least(options, key, minimum, int)
-    for key in ("eta", "min_fill", "hu_tolerance", "batch_memory_mb"):
+    for key in ("eta", "min_fill", "hu_tolerance", "rim_mm", "batch_memory_mb"):
         _at_least(options, key, 0.0)
     for key in ("use_ema", "overwrite", "preview", "progress", "fill_holes", "match_surroundings", "quality_gate"):
         if not isinstance(getattr(options, key), bool):

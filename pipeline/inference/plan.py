@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ldm.data.crops import FACE_CONNECTIVITY, CropWindow, bbox_center, mask_bbox, plan_crop
+from ldm.data.crops import FACE_CONNECTIVITY, CropWindow, mask_bbox, plan_crop
 from ldm.errors import DataError
 
 LESION_VALUE = 2
@@ -59,23 +59,36 @@ def select_components(label: np.ndarray, max_count: int, min_voxels: int) -> lis
     return [components == index + 1 for index in kept]
 
 
+def fit_problem(extent: Sequence[int], crop_size: Sequence[int], margin: Sequence[int], what: str) -> str | None:
+    """Why a lesion (box) of ``extent`` voxels ``(z, y, x)`` plus ``margin`` voxels on each side does not fit a crop
+    of ``crop_size``, or None when it fits."""
+    needed = [int(size) + 2 * int(m) for size, m in zip(extent, margin)]
+    if all(size <= crop for size, crop in zip(needed, crop_size)):
+        return None
+    return (f"{what} spans {[int(e) for e in extent]} voxels (z, y, x); with a margin of {[int(m) for m in margin]} "
+            f"it needs {needed}, more than the crop {[int(c) for c in crop_size]}: raise inference.crop_size or "
+            "ask for a smaller lesion")
+
+
 def plan_components(label: np.ndarray, crop_size: Sequence[int], max_count: int, min_voxels: int,
-                    margin: int = 0) -> list[Component]:
+                    margin: int | Sequence[int] = 0) -> list[Component]:
     """The kept components with a crop of ``crop_size`` centred on each bounding box.
 
-    Raises DataError when a component plus ``margin`` voxels on each side does not fit in the crop.
+    ``margin``: voxels needed around a component on each side (one number, or one per axis ``(z, y, x)``).
+    Raises DataError when a component plus its margin does not fit in the crop.
     """
+    margin = (int(margin),) * 3 if np.isscalar(margin) else tuple(int(m) for m in margin)
     planned = []
     for rank, mask in enumerate(select_components(label, max_count, min_voxels)):
         bbox = mask_bbox(mask)
-        window = plan_crop(mask.shape, crop_size, bbox_center(mask))
-        needed = [box.stop - box.start + 2 * margin for box in bbox]
-        if any(size > crop for size, crop in zip(needed, crop_size)):
-            raise DataError(f"lesion {rank} spans {[b.stop - b.start for b in bbox]} voxels (z, y, x); with a margin "
-                            f"of {margin} it does not fit the crop {list(crop_size)}: raise inference.crop_size")
-        inside = [max(box.start - margin, 0) >= start - pad and min(box.stop + margin, full) <= start - pad + crop
-                  for box, start, pad, crop, full in zip(bbox, window.crop_start, window.pad_before, crop_size,
-                                                         mask.shape)]
+        # (start + stop) // 2 centres an even extent so that a box exactly as large as the crop still fits.
+        window = plan_crop(mask.shape, crop_size, [(box.start + box.stop) // 2 for box in bbox])
+        problem = fit_problem([box.stop - box.start for box in bbox], crop_size, margin, f"lesion {rank}")
+        if problem:
+            raise DataError(problem)
+        inside = [max(box.start - m, 0) >= start - pad and min(box.stop + m, full) <= start - pad + crop
+                  for box, m, start, pad, crop, full in zip(bbox, margin, window.crop_start, window.pad_before,
+                                                            crop_size, mask.shape)]
         if not all(inside):
             raise DataError(f"lesion {rank} at {[(b.start, b.stop) for b in bbox]} cannot be centred in a crop of "
                             f"{list(crop_size)}")

@@ -14,7 +14,7 @@ import traceback
 from queue import Empty
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,9 +30,11 @@ from inference.journal import CaseJournal, run_fingerprint
 from inference.lmnet import label_list_entries, sample_masks
 from inference.linet import inpaint_cases
 from inference.options import InferenceOptions, parse_options
+from inference.preflight import preflight
 from inference.results import CaseResult, write_run_report
 
 POLL_SECONDS = 5.0
+StageHook = Callable[[str, Path, list, InferenceOptions], list]
 STAGE_CLASSES = {"lmnet": MaskDiffusion, "linet": InpaintingDiffusion}
 WEIGHTS_HINT = ("place the released checkpoint there (see the README, 'Weights'), or point "
                 "model.params.ckpt_path=... to your own training run's checkpoints/last.ckpt")
@@ -166,17 +168,25 @@ def run_spawned(config: DictConfig, stage: str, placements: Sequence[Placement],
 
 
 def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = False,
-                  placements: Sequence[Placement] | None = None) -> RunOutcome:
+                  placements: Sequence[Placement] | None = None, after_stage: StageHook | None = None) -> RunOutcome:
     """Run the stage of ``config`` on every case of its experiment folder (see the module docstring).
 
     ``gpus``: CUDA ids, one process each (none: one process on ``inference.device``); ``placements`` replaces
     that plan (e.g. two CPU processes). Under torchrun or srun this process runs its share of the cases and rank 0
     merges them (:mod:`inference.distributed`). Cases an interrupted run of the same settings finished are kept
-    (:mod:`inference.journal`). Returns the outcome; a bad case never raises, a bad config does."""
+    (:mod:`inference.journal`). ``after_stage(stage, exp_dir, results, options)``: runs on the results before the
+    report is written and returns what it dropped (``quality.gate.gate_stage``, the quality gate, which
+    ``inference.quality_gate: true`` needs; inference itself never imports the quality package). Returns the
+    outcome; a bad case never raises, a bad config does."""
     stage = config_stage(config)
     options = parse_options(config.get("inference"), stage)
+    if stage == "linet" and options.quality_gate and after_stage is None:
+        raise ConfigError("inference.quality_gate is true but no gate was given: run test.py or synthesize.py, or "
+                          "pass after_stage=quality.gate.gate_stage to run_inference")
     cases = read_cases(options.exp_dir, dict(options.lists))
     check_weights(config)
+    # Every case is checked before any model runs; a case with a problem fails here, naming each problem.
+    ready, refused = preflight(cases, options)
     exp_dir = Path(options.exp_dir)
     launch = detect_launch()
     if launch.distributed and (gpus or placements):
@@ -184,8 +194,8 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     journal = CaseJournal.for_run(exp_dir, stage, run_fingerprint(OmegaConf.to_container(config.model, resolve=True),
                                                                   asdict(options)))
     with process_group(launch):
-        finished = broadcast_from_main(launch, journal.finished(cases) if launch.is_main else None)
-        pending = [case for case in cases if case.index not in finished]
+        finished = broadcast_from_main(launch, journal.finished(ready) if launch.is_main else None)
+        pending = [case for case in ready if case.index not in finished]
         if launch.distributed:
             placement = launch_placement(launch.rank, launch.world, launch.local_rank, visible_gpu_count(),
                                          options.vq_device, options.device)
@@ -196,22 +206,18 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
         else:
             if placements is None:
                 placements = plan_placements(gpus, visible_gpu_count(), options.vq_device, options.device)
-            if len(placements) == 1:
+            if not pending:
+                results = []
+            elif len(placements) == 1:
                 results = run_shard(config, stage, placements[0], pending, options, debug, journal)
             else:
                 results = run_spawned(config, stage, placements, pending, options, debug, journal)
-    results = sorted(results + list(finished.values()), key=lambda result: result.index)
+    results = sorted([*results, *refused, *finished.values()], key=lambda result: result.index)
     label_list = None
     if stage == "lmnet":
         label_list = write_list(exp_dir / options.label_list_name, label_list_entries(results, cases, options))
-    dropped = []
-    if stage == "linet" and options.quality_gate:
-        from quality.gate import apply_quality_gate
-
-        # The margins are passed explicitly: linet_report.json is written after the gate (or is an older run's).
-        dropped = apply_quality_gate(exp_dir, results, dilate_voxels=options.dilate_voxels,
-                                     feather_voxels=options.feather_voxels, label_list_name=options.lists["label"],
-                                     seg_version=options.seg_version, progress=options.progress)
+    # The report is written after the hook, so that it lists what the hook moved (the quality gate's rejections).
+    dropped = after_stage(stage, exp_dir, results, options) if after_stage is not None else []
     report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results)
     journal.clear()
     return RunOutcome(stage, results, report, label_list, dropped)

@@ -20,12 +20,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ldm.data.volume import read_geometry, read_label, read_volume, write_volume
+from ldm.data.volume import Geometry, read_geometry, read_label, read_volume, write_volume
 from ldm.errors import DataError, LesionDiffusionError
 from ldm.fileio import write_json_atomic
 from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
-from preprocessing.inputs import CaseInput
-from preprocessing.report_format import ReportRequest
+from preprocessing.inputs import CaseInput, require_input
+from preprocessing.report_format import ReportRequest, size_bound_problem
 from preprocessing.segment import import_segmentation, run_totalsegmentator
 from preprocessing.standardise import standardise_ct
 from preprocessing.user_attributes import CaseAttributes, interpret_attributes, parse_attribute_line
@@ -35,6 +35,8 @@ RECORD_FILE = "preprocess.json"
 AORTA_V1_ID = 7
 MIN_AORTA_VOXELS = 20
 ENHANCED_AORTA_HU = 150.0
+# Largest difference (mm) between the affines of a CT and its --seg-list segmentation that still counts as one grid.
+GRID_ATOL_MM = 1e-3
 # Inference keeps only lesion components larger than this (original LMNet/LINet rule).
 MIN_INFERENCE_VOXELS = 50
 
@@ -49,6 +51,7 @@ class PreprocessOptions:
     seg_fast: bool = False
     seg_device: str = "auto"
     boxes_per_case: int = 1
+    max_lesion_size_xyz: tuple[int, int, int] | None = None
     seed: int = 0
     overwrite: bool = False
     debug: bool = False
@@ -109,9 +112,22 @@ def _finished(case_dir: Path, fingerprint: str) -> bool:
     if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
         return False
     try:
-        return json.loads(record.read_text()).get("fingerprint") == fingerprint
+        content = json.loads(record.read_text())
+        return content.get("fingerprint") == fingerprint and bool(content.get("source_ct"))
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return False
+
+
+def check_same_grid(seg: Geometry, ct: Geometry) -> None:
+    """DataError unless the segmentation ``seg`` lies on the voxel grid of ``ct`` (same shape and affine)."""
+    if seg.shape != ct.shape:
+        raise DataError(f"{seg.source}: the segmentation's grid ({'x'.join(map(str, seg.shape))} voxels) does not "
+                        f"match its CT {ct.source} ({'x'.join(map(str, ct.shape))} voxels); --seg-list needs the "
+                        "segmentation of that very CT, on its grid")
+    if not np.allclose(seg.affine, ct.affine, atol=GRID_ATOL_MM):
+        raise DataError(f"{seg.source}: the segmentation's affine does not match its CT {ct.source} (same shape, "
+                        "other position, spacing or orientation); --seg-list needs the segmentation of that very "
+                        "CT, on its grid")
 
 
 def _contrast_enhanced(ct: np.ndarray, segmentation: np.ndarray) -> bool | None:
@@ -124,7 +140,8 @@ def _contrast_enhanced(ct: np.ndarray, segmentation: np.ndarray) -> bool | None:
 def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segmentation: np.ndarray,
              options: PreprocessOptions) -> ReportRequest:
     def size_problem(size_xyz: tuple[int, int, int], cavity: str) -> str | None:
-        return box_problem(organ, tuple(size_xyz)[::-1], options.boxes_per_case, cavity, attributes.hollow,
+        bound = size_bound_problem(size_xyz, options.max_lesion_size_xyz)
+        return bound or box_problem(organ, tuple(size_xyz)[::-1], options.boxes_per_case, cavity, attributes.hollow,
                            attributes.organ_name)
 
     return ReportRequest(
@@ -132,7 +149,7 @@ def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segm
         lesion_type=attributes.lesion_type, organ_extent_xyz=organ_extent(organ)[::-1],
         spacing_xyz_mm=tuple(options.spacing_xyz), fixed=dict(attributes.fixed),
         organ_mean_hu=float(ct[organ].mean()), contrast_enhanced=_contrast_enhanced(ct, segmentation),
-        size_problem=size_problem,
+        size_problem=size_problem, max_size_xyz=options.max_lesion_size_xyz,
     )
 
 
@@ -178,9 +195,11 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
     try:
         with _step(result, "inputs"):
             attributes = interpret_attributes(parse_attribute_line(case.attributes_line, case.where), case.where)
-            read_geometry(case.ct_path)
+            require_input(case.ct_path, case.ct_tried, "CT")
+            ct_geometry = read_geometry(case.ct_path)
             if case.seg_path:
-                read_geometry(case.seg_path)
+                require_input(case.seg_path, case.seg_tried, "segmentation")
+                check_same_grid(read_geometry(case.seg_path), ct_geometry)
             fingerprint = case_fingerprint(case, options, reporter.settings)
         result.outputs = {name: str(path) for name, path in outputs.items()}
         if not options.overwrite and _finished(case_dir, fingerprint):
@@ -188,7 +207,9 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
             return result
         (case_dir / RECORD_FILE).unlink(missing_ok=True)
         _run_steps(case, attributes, options, reporter, segmentation_slots, outputs, result)
+        # source_ct: inference writes its results on this CT's grid (inference.cases.recorded_source).
         write_json_atomic(case_dir / RECORD_FILE, {"fingerprint": fingerprint, "outputs": OUTPUT_FILES,
+                                                   "source_ct": str(Path(case.ct_path).resolve()),
                                             "seconds": result.seconds, "warnings": result.warnings})
         result.status = "done"
     except LesionDiffusionError as error:

@@ -1,9 +1,11 @@
 """The cases of a run: one per CT of the file list, with its attribute line and optional segmentation.
 
-List files follow the project's rule (:mod:`ldm.data.lists`): one path per line, blank lines skipped, relative
-entries resolved against the list file's directory. The attribute file must have one non-blank line per CT and a
-``--seg-list`` one segmentation per CT; otherwise the run stops before any work with an error naming the first
-case left without its line. A bad line (malformed JSON, unknown organ ...) fails only its own case.
+List files: one path per line, blank lines skipped, ``~`` expanded. A relative line resolves against the list
+file's folder (the project's rule, :mod:`ldm.data.lists`), and when no file is there, against the current directory
+(the original code's convention, for lists written for it); a file found at neither place fails its case with an
+error naming both paths tried. The attribute file must have one non-blank line per CT and a ``--seg-list`` one
+segmentation per CT; otherwise the run stops before any work with an error naming the first case left without its
+line. A bad line (malformed JSON, unknown organ ...) fails only its own case.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.data.lists import read_list
 from ldm.errors import DataError
 from preprocessing.user_attributes import read_attribute_lines
 
@@ -31,6 +32,42 @@ class CaseInput:
     attributes_line: str
     where: str
     seg_path: str | None = None
+    ct_tried: tuple[str, ...] = ()
+    seg_tried: tuple[str, ...] = ()
+
+
+def resolve_entry(entry: str, list_dir: Path, cwd: Path) -> tuple[str, tuple[str, ...]]:
+    """``(path, paths tried)`` of one list line (module docstring rule); ``path`` is the list-folder candidate
+    when no candidate exists."""
+    path = Path(os.path.expanduser(entry))
+    if path.is_absolute():
+        return str(path), (str(path),)
+    candidates = tuple(dict.fromkeys(str((base / path).resolve()) for base in (list_dir, cwd)))
+    found = next((candidate for candidate in candidates if Path(candidate).is_file()), candidates[0])
+    return found, candidates
+
+
+def read_input_list(list_path: str | os.PathLike) -> list[tuple[str, tuple[str, ...]]]:
+    """``(path, paths tried)`` for every line of a list file, in file order; DataError when it cannot be read."""
+    list_path = Path(os.path.expanduser(str(list_path)))
+    if not list_path.is_file():
+        raise DataError(f"{list_path}: list file not found")
+    try:
+        lines = list_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{list_path}: cannot read the list file ({error})") from None
+    list_dir, cwd = list_path.resolve().parent, Path.cwd()
+    return [resolve_entry(line.strip(), list_dir, cwd) for line in lines if line.strip()]
+
+
+def require_input(path: str, tried: tuple[str, ...], what: str) -> None:
+    """DataError unless ``path`` is a file; names every path tried for a relative list line."""
+    if Path(path).is_file():
+        return
+    if len(tried) > 1:
+        raise DataError(f"{what} not found: tried {tried[0]} (relative to the list's folder) and {tried[1]} "
+                        "(relative to the current directory)")
+    raise DataError(f"{path}: file not found")
 
 
 def _stem(path: str) -> str:
@@ -67,18 +104,19 @@ def _check_lengths(ct_paths: list[str], other: list, other_file: str | os.PathLi
 def read_cases(filelist: str | os.PathLike, attributes_file: str | os.PathLike,
                seg_list: str | os.PathLike | None = None) -> list[CaseInput]:
     """The cases of a run, in the order of ``filelist``; DataError when the lists cannot be aligned."""
-    ct_paths = read_list(filelist)
+    ct_entries = read_input_list(filelist)
+    ct_paths = [path for path, _ in ct_entries]
     if not ct_paths:
         raise DataError(f"{filelist}: the file list holds no CT path")
     attribute_lines = read_attribute_lines(attributes_file)
     _check_lengths(ct_paths, attribute_lines, attributes_file, "attribute lines", str(filelist))
-    seg_paths: list[str | None] = [None] * len(ct_paths)
+    seg_entries: list[tuple[str | None, tuple[str, ...]]] = [(None, ())] * len(ct_paths)
     if seg_list is not None:
-        seg_paths = list(read_list(seg_list))
-        _check_lengths(ct_paths, seg_paths, seg_list, "segmentations", str(filelist))
+        seg_entries = list(read_input_list(seg_list))
+        _check_lengths(ct_paths, seg_entries, seg_list, "segmentations", str(filelist))
     return [
         CaseInput(index=row, case_id=case_id, ct_path=ct_path, attributes_line=line,
-                  where=f"{attributes_file} line {number}", seg_path=seg_path)
-        for row, (case_id, ct_path, (number, line), seg_path)
-        in enumerate(zip(case_ids(ct_paths), ct_paths, attribute_lines, seg_paths))
+                  where=f"{attributes_file} line {number}", seg_path=seg_path, ct_tried=ct_tried, seg_tried=seg_tried)
+        for row, (case_id, (ct_path, ct_tried), (number, line), (seg_path, seg_tried))
+        in enumerate(zip(case_ids(ct_paths), ct_entries, attribute_lines, seg_entries))
     ]

@@ -41,7 +41,8 @@ class ReportRequest:
     ``fixed``: the user's attributes (canonical phrases, ``CT value`` as int HU, ``size`` as (X, Y, Z) voxels),
     which always win; ``organ_mean_hu``: mean HU inside the organ; ``contrast_enhanced``: whether the CT looks
     contrast-enhanced (None when unknown); ``size_problem(size_xyz, cavity)``: None when lesion boxes of that
-    size can be placed with that cavity, else the reason.
+    size can be placed with that cavity (and fit ``max_size_xyz``), else the reason; ``max_size_xyz``: the
+    largest lesion size (voxels, X, Y, Z) the inference crops hold with the blend rim, None for no bound.
     """
 
     organ_id: int
@@ -54,6 +55,15 @@ class ReportRequest:
     organ_mean_hu: float | None = None
     contrast_enhanced: bool | None = None
     size_problem: Callable[[tuple[int, int, int], str], str | None] = lambda size, cavity: None
+    max_size_xyz: tuple[int, int, int] | None = None
+
+
+def size_bound_problem(size_xyz: Sequence[int], max_size_xyz: Sequence[int] | None) -> str | None:
+    """Why a lesion of ``size_xyz`` voxels exceeds ``max_size_xyz`` (the inference crops' capacity), or None."""
+    if max_size_xyz is None or all(int(s) <= int(m) for s, m in zip(size_xyz, max_size_xyz)):
+        return None
+    return (f"larger than {[int(m) for m in max_size_xyz]} voxels (X, Y, Z), the largest lesion the inference crops "
+            "hold with the blend rim at this voxel size")
 
 
 def format_size(size_xyz: Sequence[int]) -> str:

@@ -49,6 +49,13 @@ def _skeleton(request: ReportRequest) -> str:
     return json.dumps(report)
 
 
+def _bound_text(request: ReportRequest) -> str:
+    if request.max_size_xyz is None:
+        return ""
+    return (f" and not larger than {list(request.max_size_xyz)} (X, Y, Z: the largest lesion the synthesis models "
+            "can hold at this voxel size)")
+
+
 def build_prompt(request: ReportRequest) -> str:
     """The user message for one case."""
     extent = list(request.organ_extent_xyz)
@@ -69,7 +76,7 @@ def build_prompt(request: ReportRequest) -> str:
         json.dumps(vocabulary_for_prompt(request.hollow)),
         "Rules: 'lesion location' is the organ id; the lesion size X, Y, Z in voxels goes into the last element "
         f"[[X, Y, Z]] and into 'size' as \"[[X Y Z]] pixel,\"; each of X, Y, Z is a positive integer not larger than "
-        f"the organ's extent {extent}; 'CT value' is the lesion's mean density as an integer number of HU; the first "
+        f"the organ's extent {extent}{_bound_text(request)}; 'CT value' is the lesion's mean density as an integer number of HU; the first "
         "element repeats the 'shape' value.",
     ]
     if fixed:

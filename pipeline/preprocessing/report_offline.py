@@ -137,6 +137,8 @@ def _size(request: ReportRequest, kind: str, cavity: str, rng: np.random.Generat
     stretch = rng.uniform(0.75, 1.25, size=3)
     size = np.maximum(np.rint(diameter * stretch / np.asarray(request.spacing_xyz_mm)), 1)
     size = np.minimum(size, request.organ_extent_xyz)
+    if request.max_size_xyz is not None:
+        size = np.minimum(size, request.max_size_xyz)
     while True:
         problem = request.size_problem(tuple(int(s) for s in size), cavity)
         if problem is None:

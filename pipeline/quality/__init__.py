@@ -4,6 +4,7 @@
 - :mod:`quality.outputs`: which inpainted CTs of an experiment folder are evaluated, with which mask and inputs;
 - :mod:`quality.density`: report density phrases and measured contrasts as hypo/iso/hyperdense;
 - :mod:`quality.measure`: the per-lesion measurements (:class:`quality.measure.LesionQuality`);
+- :mod:`quality.evaluation`: what an evaluation found (shared by the two below, which do not import each other);
 - :mod:`quality.gate`: pass/fail per check, the evaluation of a folder and the ``test.py`` hook;
 - :mod:`quality.tables`: ``quality.csv`` and ``quality_summary.json``; :mod:`quality.plot`: ``quality.png``;
 - :mod:`quality.nnunet`: nnU-Net v2 raw-dataset naming, ``dataset.json``, label schemes and read-back checks.

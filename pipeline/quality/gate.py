@@ -2,60 +2,27 @@
 
 The hook (:func:`apply_quality_gate`) evaluates the outputs a LINet run just wrote and **drops** every output with
 a failed lesion (or one that cannot be evaluated: the gate fails closed): an inpainted CT cannot lose one lesion
-and keep the others, so the whole file goes. Dropped files (``inpainting_<k>.nii.gz`` and its ``.png`` preview)
-are moved to ``<case>/rejected/`` for inspection, never deleted; the case result then lists them under
-``rejected_image`` / ``rejected_preview`` instead of ``image`` / ``preview`` and carries a warning with the failed
-checks. Lesion-level filtering of the kept outputs is :func:`export_nnunet`'s ``--only-passed``.
+and keep the others, so the whole file goes. Dropped files (``inpainting_<k>.nii.gz``, its ``_label``, its
+``_std`` and its ``.png`` preview) are moved to ``<case>/rejected/`` for inspection, never deleted; the case result
+then lists them under ``rejected_<kind>`` instead of ``<kind>`` and carries a warning with the failed checks. Lesion-level filtering of the kept outputs is :func:`export_nnunet`'s ``--only-passed``.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
 
 from ldm.errors import DataError, LesionDiffusionError
+from quality.evaluation import Evaluation, OutputError
 from quality.measure import LesionQuality, measure_output
-from quality.outputs import DEFAULT_LABEL_LIST, OutputSpec, Skipped, paste_margins, read_case_rows
+from quality.outputs import DEFAULT_LABEL_LIST, OutputSpec, Skipped, paste_rim, read_case_rows
 from quality.tables import write_results
 from quality.tolerances import CHECKS, Tolerances, resolve_tolerances
 
 REJECTED_FOLDER = "rejected"
-
-
-@dataclass(frozen=True)
-class OutputError:
-    """An output that could not be evaluated, and why."""
-
-    case_id: str
-    output: str
-    error: str
-
-
-@dataclass
-class Evaluation:
-    """Everything one evaluation found: graded lesions, outputs that failed to evaluate, cases without output."""
-
-    lesions: list[LesionQuality]
-    errors: list[OutputError]
-    skipped: list[Skipped]
-    tolerances: Tolerances
-    dilate_voxels: int
-    feather_voxels: int
-    outputs: list[str] = field(default_factory=list)
-
-    def failed_outputs(self) -> dict[str, list[str]]:
-        """Output name -> reasons, for every output with a failed lesion or an evaluation error."""
-        failed: dict[str, list[str]] = {}
-        for lesion in self.lesions:
-            if not lesion.passed:
-                failed.setdefault(lesion.output, []).append(
-                    f"lesion {lesion.lesion} failed {', '.join(lesion.failed_checks)}")
-        for error in self.errors:
-            failed.setdefault(error.output, []).append(f"not evaluated: {error.error}")
-        return failed
 
 
 def _within(value: float | None, low: float, high: float) -> bool | None:
@@ -88,15 +55,16 @@ def display_path(path: Path, exp_dir: Path) -> str:
     return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
-def evaluate_outputs(specs: Sequence[OutputSpec], exp_dir: Path, tolerances: Tolerances, dilate: int, feather: int,
+def evaluate_outputs(specs: Sequence[OutputSpec], exp_dir: Path, tolerances: Tolerances, rim_mm: float,
                      skipped: Sequence[Skipped] = (), seg_version: str = "v1", progress: bool = True) -> Evaluation:
-    """Measure and grade every lesion of ``specs``; an output that cannot be read is recorded, never raised."""
-    evaluation = Evaluation([], [], list(skipped), tolerances, dilate, feather)
+    """Measure and grade every lesion of ``specs`` (``rim_mm``: the paste's blend rim); an output that cannot be
+    read is recorded, never raised."""
+    evaluation = Evaluation([], [], list(skipped), tolerances, rim_mm)
     for spec in tqdm(specs, desc="quality", unit="output", disable=not progress):
         names = (display_path(spec.inpainted, exp_dir), display_path(spec.mask, exp_dir))
         evaluation.outputs.append(names[0])
         try:
-            lesions = measure_output(spec, tolerances, dilate, feather, seg_version, names)
+            lesions = measure_output(spec, tolerances, rim_mm, seg_version, names)
         except LesionDiffusionError as error:
             evaluation.errors.append(OutputError(spec.case_id, names[0], str(error)))
             continue
@@ -132,29 +100,27 @@ def _result_spec(result, row: dict | None, label_list: Path) -> OutputSpec:
         raise DataError(f"{label_list}: no mask row for case {result.case_id} (row {result.index}); the gate pairs "
                         "each output with the mask LINet read from this list")
     boxes = Path(row["boxes"]) if row.get("boxes") else None
+    measured = result.outputs.get("standardised") or result.outputs["image"]
     return OutputSpec(index=result.index, case_id=result.case_id, image=Path(row["image"]), report=Path(row["type"]),
-                      mask=Path(row["label"]), inpainted=Path(result.outputs["image"]), seg=Path(row["seg"]),
-                      boxes=boxes)
+                      mask=Path(row["label"]), inpainted=Path(measured), seg=Path(row["seg"]), boxes=boxes)
 
 
 def apply_quality_gate(exp_dir: str | os.PathLike, results: Sequence, tolerances: Tolerances | None = None,
-                       dilate_voxels: int | None = None, feather_voxels: int | None = None,
-                       label_list_name: str = DEFAULT_LABEL_LIST, seg_version: str = "v1",
+                       rim_mm: float | None = None, label_list_name: str = DEFAULT_LABEL_LIST, seg_version: str = "v1",
                        progress: bool = True) -> list[DroppedOutput]:
     """Evaluate the outputs of a LINet run's ``results`` (``inference.results.CaseResult``; their masks are the
     rows of ``label_list_name``), write ``quality.csv``/``quality_summary.json``/``quality.png`` into ``exp_dir``
     and drop the failing outputs (module docstring); the results are updated in place. Returns what was dropped.
 
-    ``tolerances``: default from ``EXP_DIR/quality.toml`` or the built-in defaults; ``dilate_voxels`` /
-    ``feather_voxels``: the run's paste settings (default: ``linet_report.json``, else 2 and 3)."""
+    ``tolerances``: default from ``EXP_DIR/quality.toml`` or the built-in defaults; ``rim_mm``: the run's blend
+    rim (default: ``linet_report.json``, else 2 mm)."""
     exp_dir = Path(exp_dir)
     tolerances = tolerances or resolve_tolerances(exp_dir)
-    dilate, feather = paste_margins(exp_dir, dilate_voxels, feather_voxels)
+    rim_mm = paste_rim(exp_dir, rim_mm)
     rows = {row["index"]: row for row in read_case_rows(exp_dir, label_list_name)}
     done = [result for result in results if result.ok and result.outputs.get("image")]
     specs = [_result_spec(result, rows.get(result.index), exp_dir / label_list_name) for result in done]
-    evaluation = evaluate_outputs(specs, exp_dir, tolerances, dilate, feather, seg_version=seg_version,
-                                  progress=progress)
+    evaluation = evaluate_outputs(specs, exp_dir, tolerances, rim_mm, seg_version=seg_version, progress=progress)
     write_results(exp_dir, evaluation)
     failed = evaluation.failed_outputs()
     dropped = []
@@ -162,12 +128,23 @@ def apply_quality_gate(exp_dir: str | os.PathLike, results: Sequence, tolerances
         reasons = failed.get(display_path(spec.inpainted, exp_dir))
         if not reasons:
             continue
-        moved = _move_aside(spec.inpainted)
+        moved = _move_aside(Path(result.outputs.pop("image")))
         result.outputs["rejected_image"] = str(moved)
-        del result.outputs["image"]
-        preview = result.outputs.pop("preview", None)
-        if preview and Path(preview).is_file():
-            result.outputs["rejected_preview"] = str(_move_aside(Path(preview)))
+        # Every file of the output goes: the CT on the user's grid, its label, the standardised CT, the preview.
+        for kind in ("label", "standardised", "preview"):
+            path = result.outputs.pop(kind, None)
+            if path and Path(path).is_file():
+                result.outputs[f"rejected_{kind}"] = str(_move_aside(Path(path)))
         result.warnings.append(f"quality gate: {'; '.join(reasons)}; output moved to {display_path(moved, exp_dir)}")
         dropped.append(DroppedOutput(result.case_id, spec.inpainted, moved, tuple(reasons)))
     return dropped
+
+
+def gate_stage(stage: str, exp_dir: Path, results: Sequence, options) -> list[DroppedOutput]:
+    """The ``after_stage`` hook of ``inference.runner.run_inference``: the gate after a LINet run whose options
+    (``inference.options.InferenceOptions``) set ``quality_gate``; nothing otherwise. Returns what was dropped."""
+    if stage != "linet" or not options.quality_gate:
+        return []
+    # The rim is passed explicitly: linet_report.json is written after the gate (or is an older run's).
+    return apply_quality_gate(exp_dir, results, rim_mm=options.rim_mm, label_list_name=options.lists["label"],
+                              seg_version=options.seg_version, progress=options.progress)

@@ -18,7 +18,7 @@ Per lesion (a face-connected component of value 2 of the output's mask, largest 
   rims inside and outside the lesion boundary;
 - components: mask components whose best-overlapping box of ``bbox.nii.gz`` is this lesion's box (1 without boxes);
 - changes outside the paste region (the exact region :func:`inference.paste.lesion_region` lets the paste touch:
-  voxels whose Euclidean distance to a lesion is below ``dilate + feather + 1`` voxels): count and largest
+  the lesions and every voxel closer than ``rim_mm`` to them, with the voxel spacing): count and largest
   |difference| in HU against the input CT, for the whole output.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ldm.data.crops import FACE_CONNECTIVITY
 from ldm.data.organs import is_hollow, organ_name, to_v1
 from ldm.data.volume import CANONICAL_AXCODES, Geometry, read_geometry, read_label, read_volume
 from ldm.errors import DataError
-from inference.paste import lesion_region, working_dtype
+from inference.paste import lesion_region, rim_voxels, working_dtype
 from preprocessing.report_format import parse_size
 from quality.density import measured_density, requested_density
 from quality.outputs import OutputSpec
@@ -114,21 +114,22 @@ def _grown(box: tuple[slice, ...], margins, shape) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(box, margins, shape))
 
 
-def paste_region(lesions: np.ndarray, dilate: int, feather: int) -> np.ndarray:
-    """Boolean map of every voxel a paste around ``lesions`` may change (:func:`inference.paste.lesion_region`,
-    computed on a window around the lesions only)."""
+def paste_region(lesions: np.ndarray, rim_mm: float, spacing) -> np.ndarray:
+    """Boolean map of every voxel a paste around ``lesions`` may change (:func:`inference.paste.lesion_region`
+    with ``spacing`` mm per axis, computed on a window around the lesions only)."""
     region = np.zeros(lesions.shape, dtype=bool)
     if lesions.any():
-        window = _grown(ndimage.find_objects(lesions.astype(np.int8))[0], [dilate + feather + 1] * 3, lesions.shape)
-        region[window] = lesion_region(lesions[window], dilate, feather)
+        margins = [m + 1 for m in rim_voxels(rim_mm, spacing)]
+        window = _grown(ndimage.find_objects(lesions.astype(np.int8))[0], margins, lesions.shape)
+        region[window] = lesion_region(lesions[window], rim_mm, spacing)
     return region
 
 
-def changed_outside(ct: np.ndarray, inpainted: np.ndarray, lesions: np.ndarray, dilate: int,
-                    feather: int) -> tuple[int, float]:
+def changed_outside(ct: np.ndarray, inpainted: np.ndarray, lesions: np.ndarray, rim_mm: float,
+                    spacing) -> tuple[int, float]:
     """``(voxels, max |difference| in HU)`` of the inpainted CT that differ from the input outside the region a
-    paste around ``lesions`` may change."""
-    changed = (inpainted != ct) & ~paste_region(lesions, dilate, feather)
+    paste around ``lesions`` may change (``spacing``: mm per axis)."""
+    changed = (inpainted != ct) & ~paste_region(lesions, rim_mm, spacing)
     if not changed.any():
         return 0, 0.0
     difference = np.abs(inpainted[changed].astype(np.float64) - ct[changed].astype(np.float64))
@@ -210,7 +211,7 @@ def ranked_components(lesions: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return components, [int(index) + 1 for index in np.argsort(-sizes, kind="stable")]
 
 
-def measure_output(spec: OutputSpec, tolerances: Tolerances, dilate: int, feather: int,
+def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
                    seg_version: str = "v1", names: tuple[str, str] | None = None) -> list[LesionQuality]:
     """Measure every lesion of one output (module docstring); ``names``: how the output and mask are shown in
     the results (default: their paths). DataError for unreadable or inconsistent inputs."""
@@ -221,7 +222,8 @@ def measure_output(spec: OutputSpec, tolerances: Tolerances, dilate: int, feathe
     report = read_report(spec.report)
     components, ranked = ranked_components(lesions)
     boxes = box_assignment(components, len(ranked), volumes.boxes)
-    changed_voxels, changed_max = changed_outside(volumes.ct, volumes.inpainted, lesions, dilate, feather)
+    changed_voxels, changed_max = changed_outside(volumes.ct, volumes.inpainted, lesions, rim_mm,
+                                                  volumes.geometry.spacing_zyx)
     output_name, mask_name = names or (str(spec.inpainted), str(spec.mask))
     common = dict(case=spec.case_id, output=output_name, mask=mask_name, changed_outside_voxels=changed_voxels,
                   changed_outside_max_abs_hu=round(changed_max, 3))

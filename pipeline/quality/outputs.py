@@ -15,6 +15,10 @@ Pairing an inpainted CT with its mask:
 
 Each lesion is one face-connected component of value 2 of that mask (as LINet inpainted them), largest first, so
 lesion ``r`` of an output is LINet's lesion rank ``r``.
+
+The file measured is the one on the grid the models ran on (the mask's): ``inpainting_<k>_std.nii.gz`` when LINet
+also wrote the result on the user's own grid as ``inpainting_<k>.nii.gz`` (see :mod:`inference.linet`), else
+``inpainting_<k>.nii.gz`` itself.
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ REPORT_NAME = "linet_report.json"
 LISTS = {"image": "img_list.txt", "seg": "seg_list.txt", "type": "type_list.txt"}
 OPTIONAL_LISTS = {"boxes": "bbox_list.txt"}
 DEFAULT_LABEL_LIST = "label_list.txt"
-DEFAULT_DILATE, DEFAULT_FEATHER = 2, 3
+DEFAULT_RIM_MM = 2.0
 WHICH = ("latest", "all")
-_INPAINTING = re.compile(r"^inpainting_(\d+)\.nii\.gz$")
+_INPAINTING = re.compile(r"^inpainting_(\d+)(?:_std)?\.nii\.gz$")
+STANDARDISED_SUFFIX = "_std"
 
 
 @dataclass(frozen=True)
@@ -82,17 +87,23 @@ def read_linet_report(exp_dir: Path) -> dict[str, Any] | None:
     return report
 
 
-def paste_margins(exp_dir: Path, dilate_voxels: int | None = None,
-                  feather_voxels: int | None = None) -> tuple[int, int]:
-    """``(dilate_voxels, feather_voxels)`` of the paste: the given values, else the LINet report's options, else
-    the inference defaults (2, 3)."""
+def paste_rim(exp_dir: Path, rim_mm: float | None = None) -> float:
+    """The blend rim of the paste in mm: ``rim_mm`` when given, else the LINet report's ``rim_mm`` option, else
+    the inference default (2 mm)."""
     options = (read_linet_report(exp_dir) or {}).get("options") or {}
-    dilate = dilate_voxels if dilate_voxels is not None else options.get("dilate_voxels", DEFAULT_DILATE)
-    feather = feather_voxels if feather_voxels is not None else options.get("feather_voxels", DEFAULT_FEATHER)
-    for name, value in (("dilate_voxels", dilate), ("feather_voxels", feather)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name}: must be an integer >= 0, got {value!r}")
-    return int(dilate), int(feather)
+    value = rim_mm if rim_mm is not None else options.get("rim_mm", DEFAULT_RIM_MM)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"rim_mm: must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def standardised_output(path: Path) -> Path:
+    """The file on the models' grid for an ``inpainting_<k>.nii.gz``: its ``_std`` sibling when there is one."""
+    path = Path(path)
+    if path.name.endswith(f"{STANDARDISED_SUFFIX}.nii.gz"):
+        return path
+    sibling = path.with_name(path.name[: -len(".nii.gz")] + f"{STANDARDISED_SUFFIX}.nii.gz")
+    return sibling if sibling.is_file() else path
 
 
 def _label_list_name(report: dict[str, Any] | None) -> str:
@@ -127,7 +138,8 @@ def numbered_outputs(folder: Path) -> list[tuple[int, Path]]:
     """``(k, path)`` of every ``inpainting_<k>.nii.gz`` in ``folder``, by ``k``."""
     if not folder.is_dir():
         return []
-    found = [(int(match.group(1)), folder / name) for name in os.listdir(folder) if (match := _INPAINTING.match(name))]
+    found = [(int(match.group(1)), folder / name) for name in os.listdir(folder)
+             if (match := _INPAINTING.match(name)) and STANDARDISED_SUFFIX not in name]
     return sorted(found)
 
 
@@ -143,7 +155,7 @@ def _all_outputs(rows: list[dict[str, Any]]) -> tuple[list[OutputSpec], list[Ski
             if mask is None:
                 skipped.append(Skipped(row["case_id"], f"{path.name}: no samples_{number}.nii.gz and no label list"))
             else:
-                specs.append(_spec(row, path, mask))
+                specs.append(_spec(row, standardised_output(path), mask))
     return specs, skipped
 
 
@@ -152,10 +164,11 @@ def _latest_outputs(rows: list[dict[str, Any]], report: dict[str, Any]) -> tuple
     specs, skipped = [], []
     for row in rows:
         entry = entries.get(row["case_id"])
-        image = ((entry or {}).get("outputs") or {}).get("image")
+        outputs = (entry or {}).get("outputs") or {}
+        image = outputs.get("standardised") or outputs.get("image")
         if entry is None:
             skipped.append(Skipped(row["case_id"], f"not in {REPORT_NAME} (LINet has not run on this case)"))
-        elif ((entry or {}).get("outputs") or {}).get("rejected_image"):
+        elif outputs.get("rejected_image"):
             skipped.append(Skipped(row["case_id"], "output rejected by the quality gate (moved to rejected/)"))
         elif entry.get("status") != "done" or not image:
             skipped.append(Skipped(row["case_id"], f"LINet failed: {entry.get('error') or 'no output'}"))

@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ldm.fileio import write_json_atomic, write_text_atomic
+from quality.evaluation import Evaluation
 from quality.measure import LesionQuality
 from quality.plot import plot_quality
 from quality.tolerances import CHECKS
-
-if TYPE_CHECKING:
-    from quality.gate import Evaluation
 
 CSV_NAME = "quality.csv"
 SUMMARY_NAME = "quality_summary.json"
@@ -63,7 +61,7 @@ def csv_text(lesions: list[LesionQuality]) -> str:
     return buffer.getvalue()
 
 
-def summary(evaluation: "Evaluation") -> dict[str, Any]:
+def summary(evaluation: Evaluation) -> dict[str, Any]:
     """Counts, pass rate (passed lesions / lesions, None without lesions), failures and n/a per check, settings."""
     lesions = evaluation.lesions
     passed = sum(lesion.passed for lesion in lesions)
@@ -79,7 +77,7 @@ def summary(evaluation: "Evaluation") -> dict[str, Any]:
         "not_applicable_by_check": {name: sum(lesion.checks.get(name) is None for lesion in lesions)
                                     for name in CHECKS},
         "tolerances": evaluation.tolerances.as_dict(),
-        "paste_region": {"dilate_voxels": evaluation.dilate_voxels, "feather_voxels": evaluation.feather_voxels},
+        "paste_region": {"rim_mm": evaluation.rim_mm},
         "errors": [{"case": error.case_id, "output": error.output, "error": error.error}
                    for error in evaluation.errors],
         "skipped": [{"case": item.case_id, "reason": item.reason} for item in evaluation.skipped],
@@ -87,7 +85,7 @@ def summary(evaluation: "Evaluation") -> dict[str, Any]:
     }
 
 
-def write_results(exp_dir: str | Path, evaluation: "Evaluation", plot: bool = True) -> dict[str, Path]:
+def write_results(exp_dir: str | Path, evaluation: Evaluation, plot: bool = True) -> dict[str, Path]:
     """Write the CSV, the summary and (``plot``) the PNG into ``exp_dir``; returns ``{kind: path}``."""
     exp_dir = Path(exp_dir)
     written = {"table": write_text_atomic(exp_dir / CSV_NAME, csv_text(evaluation.lesions)),

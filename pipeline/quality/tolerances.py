@@ -13,8 +13,8 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
                     ``volume_ratio`` (0.3 .. 2.0)
 ``extent``          bounding-box extent / report size, along each file axis, within ``extent_ratio`` (0.5 .. 1.5)
 ``components``      mask components falling in the lesion's box (``bbox.nii.gz``) <= ``max_components`` (1)
-``unchanged_outside`` voxels of the inpainted CT that differ from the input outside the paste region (closer than
-                    ``dilate_voxels + feather_voxels + 1`` voxels to a lesion) <= ``max_changed_outside_voxels``
+``unchanged_outside`` voxels of the inpainted CT that differ from the input outside the paste region (the lesions
+                    and the ``rim_mm`` around them) <= ``max_changed_outside_voxels``
                     (0); a property of the whole output, so it fails every lesion of that output
 =================== ==============================================================================================
 
