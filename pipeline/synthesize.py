@@ -22,6 +22,7 @@ from ldm.cli import find_config, one_line_warnings, parse_gpus
 from ldm.errors import ConfigError, LesionDiffusionError
 from ldm.fileio import write_text_atomic
 from ldm.util import load_config, resolve_path
+from inference.required_files import check_config_files
 
 DEFAULT_LMNET_CONFIG = "configs/diffusion/maskdiffusion_test.yaml"
 DEFAULT_LINET_CONFIG = "configs/diffusion/lesiondiffusion_test.yaml"
@@ -122,6 +123,7 @@ def synthesize(
         raise ConfigError(f"{len(cts)} CT(s) but {len(segs)} segmentation(s): give one --seg per --ct")
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
     configs = find_config(lmnet_config), find_config(linet_config)
+    check_config_files(configs, overrides)
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
     lists = _write_inputs(out, cts, wanted, segs)
     records = _run_preprocess(out, lists, seg_version, seed, reporter, spacing, boxes_per_case, llm_base_url,
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,1")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for both test configs, e.g. inference.guidance_scale=2")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read checkpoints with full unpickling (may run code from the file)")
     parser.add_argument("--overwrite", action="store_true", help="redo work already done in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -202,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--attributes {args.attributes!r}: expected a JSON object")
             rows = synthesize(args.ct, args.organ, args.lesion, args.out, attributes, args.seg, args.seg_version,
                               args.lmnet_config, args.linet_config, args.seed, args.reporter, args.spacing,
-                              args.boxes_per_case, args.steps, parse_gpus(args.gpus), args.overrides,
+                              args.boxes_per_case, args.steps, parse_gpus(args.gpus),
+                              args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
                               args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress)
         except json.JSONDecodeError as error:
             print(f"synthesize.py: error: --attributes is not valid JSON ({error})", file=sys.stderr)

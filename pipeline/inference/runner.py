@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError
+from ldm.models.checkpoint import checkpoint_trust
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.util import get_obj_from_str, instantiate_from_config
@@ -27,7 +28,9 @@ from inference.devices import Placement, plan_placements, visible_gpu_count
 from inference.lmnet import label_list_entries, sample_masks
 from inference.linet import inpaint_cases
 from inference.options import InferenceOptions, parse_options
+from inference.required_files import check_required_files
 from inference.results import CaseResult, write_run_report
+from inference.spacing import spacing_warnings
 
 POLL_SECONDS = 5.0
 STAGE_CLASSES = {"lmnet": MaskDiffusion, "linet": InpaintingDiffusion}
@@ -76,9 +79,11 @@ def check_weights(config: DictConfig) -> None:
 def load_model(config: DictConfig, device: str | torch.device = "cpu",
                vq_device: str | torch.device | None = None) -> torch.nn.Module:
     """The model of ``config`` with its checkpoint, in eval mode without gradients, on ``device``; a LINet's VQ
-    goes to ``vq_device`` (default: ``device``)."""
+    goes to ``vq_device`` (default: ``device``). Checkpoints are read safely unless the config has
+    ``trust_checkpoint: true`` (``ldm.models.checkpoint``)."""
     check_weights(config)
-    model = instantiate_from_config(config.model, key_path="model")
+    with checkpoint_trust(bool(config.get("trust_checkpoint", False))):
+        model = instantiate_from_config(config.model, key_path="model")
     model.eval()
     model.requires_grad_(False)
     model.to(device)
@@ -165,9 +170,11 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     ``gpus``: CUDA ids, one process each (none: one process on ``inference.device``); ``placements`` replaces
     that plan (e.g. two CPU processes). Returns the outcome; a bad case never raises, a bad config does."""
     stage = config_stage(config)
+    check_required_files(config)
     options = parse_options(config.get("inference"), stage)
     cases = read_cases(options.exp_dir, dict(options.lists))
     check_weights(config)
+    off_spacing = spacing_warnings(cases, options)
     if placements is None:
         placements = plan_placements(gpus, visible_gpu_count(), options.vq_device, options.device)
     if len(placements) == 1:
@@ -175,6 +182,8 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     else:
         results = run_spawned(config, stage, placements, cases, options, debug)
     results = sorted(results, key=lambda result: result.index)
+    for result in results:
+        result.warnings[:0] = [off_spacing[result.index]] if result.index in off_spacing else []
     exp_dir = Path(options.exp_dir)
     label_list = None
     if stage == "lmnet":
