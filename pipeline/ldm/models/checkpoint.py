@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import json
 import os
 import pathlib
 import pickle
@@ -38,6 +39,8 @@ TEST_ONLY_PREFIXES = ("perceptual.",)
 VERSION_DEPENDENT_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 # safetensors metadata values are strings; these are converted back to integers when read.
 INTEGER_METADATA = ("epoch", "global_step")
+# Metadata keys holding a module's non-tensor extra state (JSON) under its state-dict key.
+EXTRA_STATE_PREFIX = "extra_state:"
 TRUST_HINT = ("if you trust where the file comes from, pass --trust-checkpoint (test.py, synthesize.py, main.py, "
               "convert_checkpoint.py) or set trust_checkpoint: true in the config; or convert it once to "
               "safetensors with: python pipeline/convert_checkpoint.py --trust-checkpoint IN OUT.safetensors")
@@ -104,6 +107,18 @@ def _refused_types(path: Path, error: Exception) -> list[str]:
     return sorted({name for name in names if name not in allowed})
 
 
+def encode_extra_state(extra_state: Mapping[str, Any], source: str) -> dict[str, str]:
+    """safetensors metadata entries for the non-tensor state-dict entries (JSON; DataError when not JSON data)."""
+    encoded = {}
+    for key, value in extra_state.items():
+        try:
+            encoded[EXTRA_STATE_PREFIX + key] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError):
+            raise DataError(f"{source}: state_dict entry {key} is a {type(value).__name__}, neither a tensor nor "
+                            "JSON data; safetensors cannot hold it") from None
+    return encoded
+
+
 def _read_safetensors(path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -114,6 +129,11 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable safetensors file ({error})") from None
+    for key in [key for key in metadata if key.startswith(EXTRA_STATE_PREFIX)]:
+        try:
+            tensors[key[len(EXTRA_STATE_PREFIX):]] = json.loads(metadata.pop(key))
+        except ValueError:
+            raise DataError(f"{path}: metadata {key} is not valid JSON") from None
     content: dict[str, Any] = {"state_dict": tensors, "metadata": metadata}
     for key in INTEGER_METADATA:
         if str(metadata.get(key, "")).lstrip("-").isdigit():
