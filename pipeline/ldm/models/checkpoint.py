@@ -94,7 +94,10 @@ def allowed_globals() -> tuple:
                     argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                     pathlib.PureWindowsPath, (pathlib.PosixPath, "pathlib._local.PosixPath"),
                     (pathlib.WindowsPath, "pathlib._local.WindowsPath")]
-    return tuple(omegaconf_types + numpy_types + python_types + [AttributeDict, FabricAttributeDict])
+    # Lightning's AttributeDict (a dict subclass) cannot be rebuilt by the weights-only unpickler: it is read as
+    # the plain dict it holds.
+    lightning_types = [(dict, _qualified_name(AttributeDict)), (dict, _qualified_name(FabricAttributeDict))]
+    return tuple(omegaconf_types + numpy_types + python_types + lightning_types)
 
 
 def _refused_types(path: Path, error: Exception) -> list[str]:
@@ -162,8 +165,8 @@ def read_checkpoint(path: str | os.PathLike, trust: bool | None = None) -> Any:
         refused = [] if trust else _refused_types(path, error)
         if refused:
             raise UntrustedCheckpointError(
-                f"{path}: refused: the file holds {', '.join(refused)}, which is not plain data (unpickling it "
-                f"could run code); {TRUST_HINT}") from None
+                f"{path}: refused: the file needs {', '.join(refused)}, outside the allow-list of plain data "
+                f"types (unpickling may run code); {TRUST_HINT}") from None
         raise DataError(f"{path}: cannot read the checkpoint ({' '.join(str(error).split())[:300]})") from None
     except Exception as error:  # torch.load raises many types for a damaged file
         raise DataError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from None
