@@ -17,6 +17,7 @@ VQ, ...) and lists every key that would not load.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,12 @@ def info_lines(info: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _storage_bytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
@@ -203,6 +210,7 @@ def convert(source: str | Path, target: str | Path, trust: bool | None = None) -
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+        temporary.chmod(0o666 & ~_umask())  # safetensors creates the file private (0600); a weights file is not
     return {"tensors": len(tensors), "file_mb": round(target.stat().st_size / MEGABYTE, 1), "metadata": metadata}
 
 

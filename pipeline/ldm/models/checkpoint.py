@@ -62,6 +62,12 @@ def checkpoint_trust(trust: bool = True) -> Iterator[None]:
         _trusted.reset(token)
 
 
+def lightning_allow_list(trust: bool = False) -> contextlib.AbstractContextManager:
+    """A context in which a library's own ``torch.load(weights_only=True)`` (Lightning's resume) accepts the
+    allow-list too; nothing to do when the checkpoint is trusted."""
+    return contextlib.nullcontext() if trust else torch.serialization.safe_globals(list(allowed_globals()))
+
+
 def trusted() -> bool:
     """Whether checkpoints read now are trusted (see :func:`checkpoint_trust`)."""
     return _trusted.get()
