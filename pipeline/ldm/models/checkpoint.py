@@ -97,9 +97,10 @@ def allowed_globals() -> tuple:
                    *(getattr(np.dtypes, name) for name in np.dtypes.__all__)]
     python_types = [dict, list, int, float, bool, str, bytes, complex, frozenset, slice, range, typing.Any,
                     collections.OrderedDict, collections.defaultdict, collections.deque, collections.Counter,
-                    argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                    pathlib.PureWindowsPath, (pathlib.PosixPath, "pathlib._local.PosixPath"),
-                    (pathlib.WindowsPath, "pathlib._local.WindowsPath")]
+                    argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
+                    (pathlib.PosixPath, "pathlib._local.PosixPath")]
+    # A concrete WindowsPath cannot be built on Linux (and vice versa): other systems' paths are read as pure paths.
+    python_types += [(pathlib.PureWindowsPath, name) for name in ("pathlib.WindowsPath", "pathlib._local.WindowsPath")]
     # Lightning's AttributeDict (a dict subclass) cannot be rebuilt by the weights-only unpickler: it is read as
     # the plain dict it holds.
     lightning_types = [(dict, _qualified_name(AttributeDict)), (dict, _qualified_name(FabricAttributeDict))]
