@@ -197,7 +197,8 @@ def convert(source: str | Path, target: str | Path, trust: bool | None = None) -
             continue
         value = value.detach().contiguous()
         # safetensors refuses tensors that share or only partly use a storage: those are copied.
-        if value.untyped_storage().data_ptr() in storages or _storage_bytes(value) != value.numel() * value.element_size():
+        shared = value.untyped_storage().data_ptr() in storages
+        if shared or _storage_bytes(value) != value.numel() * value.element_size():
             value = value.clone()
         storages.add(value.untyped_storage().data_ptr())
         tensors[key] = value

@@ -93,7 +93,8 @@ def test_foreign_pickled_objects_are_refused_unless_trusted(tmp_path):
     content["callbacks"] = {"Payload": Payload(marker)}
     torch.save(content, checkpoint)
     config = inference_config("lmnet", checkpoint, None)
-    with pytest.raises(UntrustedCheckpointError, match=r"needs builtins\.getattr, pathlib\.Path, outside.*--trust-checkpoint"):
+    refused = r"needs builtins\.getattr, pathlib\.Path, outside.*--trust-checkpoint"
+    with pytest.raises(UntrustedCheckpointError, match=refused):
         load_model(config)
     assert not marker.exists()
     config.trust_checkpoint = True

@@ -7,9 +7,10 @@ BERT without its pooler, the last hidden state of token 0 ([CLS]) as the pooled 
 LMNet/LINet checkpoints.
 
 The tokenizer (``vocab.txt`` and ``tokenizer_config.json`` of BiomedCLIP, MIT) ships in ``biomedclip_tokenizer/``
-next to this file and is used unless ``vocab_file`` names another vocabulary. Nothing is read at construction (the release configs build on any machine, also on the ``meta`` device): the
-vocabulary is read at the first encode, the weights at the first encode or at ``load_weights``. Weights that
-arrive through ``load_state_dict`` of a parent module (a LesionDiffusion checkpoint) count as loaded.
+next to this file and is used unless ``vocab_file`` names another vocabulary. Nothing is read at construction
+(the release configs build on any machine, also on the ``meta`` device): the vocabulary is read at the first
+encode, the weights at the first encode or at ``load_weights``. Weights that arrive through ``load_state_dict`` of
+a parent module (a LesionDiffusion checkpoint) count as loaded.
 """
 from __future__ import annotations
 
