@@ -7,8 +7,8 @@ Builds LMNet, LINet and VQ from the release configs (random weights), saves them
 reused. Then, for every file and reader, in a fresh subprocess each time (so the peak belongs to that read alone),
 measures the seconds to read the file and touch every tensor (a checksum, so lazily mapped pages count too) and
 the growth of the peak resident memory above the process after its imports. Readers: ``pickle``
-(``ldm.models.checkpoint.read_checkpoint``: ``torch.load(weights_only=True)`` with the allow-list), ``pickle-mmap``
-(the same with ``mmap=True``) and ``safetensors``. Repeats are interleaved; the minimum time and the maximum peak
+(``torch.load(weights_only=True)`` with the allow-list, read into memory), ``pickle-mmap``
+(``ldm.models.checkpoint.read_checkpoint``: the same, memory-mapped) and ``safetensors``. Repeats are interleaved; the minimum time and the maximum peak
 are reported, one JSON object per file and reader.
 """
 from __future__ import annotations
@@ -77,10 +77,10 @@ def measure(reader: str, path: Path) -> dict:
     before = peak_mb()
     start = time.perf_counter()
     if reader == "pickle":
-        state = read_checkpoint(path)["state_dict"]
-    elif reader == "pickle-mmap":
         with torch.serialization.safe_globals(list(allowed_globals())):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)["state_dict"]
+    elif reader == "pickle-mmap":
+        state = read_checkpoint(path)["state_dict"]
     else:
         state = read_checkpoint(path.with_suffix(".safetensors"))["state_dict"]
     checksum = sum(float(value.double().sum()) for value in state.values() if isinstance(value, torch.Tensor))
