@@ -40,6 +40,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E40
 from ldm.callbacks import LastCheckpoint, SetupCallback  # noqa: E402
 from ldm.cli import parse_gpus, split_overrides  # noqa: E402
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
+from ldm.models.checkpoint import checkpoint_trust, lightning_allow_list  # noqa: E402
 from ldm.runs import (  # noqa: E402
     DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run,
 )
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{CADENCE_HELP})")
     parser.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
                         help="experiment logger (default tensorboard; wandb runs offline without credentials)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read checkpoints with full unpickling (may run code from the file; trust_checkpoint)")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks of configuration errors")
     return parser
 
@@ -280,16 +283,18 @@ class Run:
     def execute(self) -> None:
         """Train (or, with ``-t false``, validate), resuming from the run's checkpoint when there is one."""
         checkpoint = str(self.paths.resume_checkpoint) if self.paths.resume_checkpoint else None
-        if self.train:
-            self.trainer.fit(self.model, datamodule=self.data, ckpt_path=checkpoint)
-        else:
-            self.trainer.validate(self.model, datamodule=self.data, ckpt_path=checkpoint)
+        trust = bool(self.config.get("trust_checkpoint", False))
+        with checkpoint_trust(trust), lightning_allow_list(trust):
+            if self.train:
+                self.trainer.fit(self.model, datamodule=self.data, ckpt_path=checkpoint, weights_only=not trust)
+            else:
+                self.trainer.validate(self.model, datamodule=self.data, ckpt_path=checkpoint, weights_only=not trust)
 
 
 def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
     """Configs, model, data and Trainer for the parsed command line (nothing is written yet)."""
     paths = resolve_run(opt)
-    config = load_config(paths.configs, overrides)
+    config = load_config(paths.configs, overrides + ["trust_checkpoint=true"] * opt.trust_checkpoint)
     for key in ("model", "data"):
         if not isinstance(config.get(key), DictConfig):
             raise ConfigError(f"{paths.configs[-1]}: the merged config has no '{key}' block")
@@ -300,7 +305,8 @@ def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
     if paths.resume_checkpoint is None:
         check_first_stage(config.model)
     model_config = weights_from_resume(config.model) if paths.resume_checkpoint else config.model
-    model = instantiate_from_config(model_config, key_path="model")
+    with checkpoint_trust(bool(config.get("trust_checkpoint", False))):
+        model = instantiate_from_config(model_config, key_path="model")
     data = instantiate_from_config(config.data, key_path="data")
     logger = build_logger(opt.logger, paths.run_dir)
     settings = trainer_settings(opt, trainer_config, manual_optimization=not model.automatic_optimization)

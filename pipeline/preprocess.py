@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--llm-max-tokens", type=int, default=2048)
     report.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--spacing", type=float, nargs="+", default=[DEFAULT_SPACING_MM],
-                        help="target voxel size in mm: one value, or three (x y z of the LPS grid)")
+                        help="target voxel size in mm: one value, or three (x y z of the LPS grid). Inference works in "
+                             "voxels: a spacing other than the model's training spacing (1 mm for the released "
+                             "models) changes the physical size of the lesions, and test.py warns about it")
     parser.add_argument("--max-lesion-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                         help="largest lesion (voxels of the standardised grid) a report may ask for; default: what "
                              "the release test configs' crops hold at --spacing with the 2 mm blend rim")

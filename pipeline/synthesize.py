@@ -27,6 +27,7 @@ from ldm.cli import find_config, one_line_warnings, parse_gpus
 from ldm.errors import ConfigError, LesionDiffusionError
 from ldm.fileio import write_json_atomic, write_text_atomic
 from ldm.util import load_config, resolve_path
+from inference.required_files import check_required_files
 
 DEFAULT_LMNET_CONFIG = "configs/diffusion/maskdiffusion_test.yaml"
 DEFAULT_LINET_CONFIG = "configs/diffusion/lesiondiffusion_test.yaml"
@@ -189,6 +190,7 @@ def synthesize(
 
     config_files = find_config(lmnet_config), find_config(linet_config)
     configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress) for path in config_files]
+    check_required_files(*configs)
     options = _stage_options(configs)
     bound = capacity_xyz(as_spacing_xyz(spacing), options[0].crop_size, options[1].crop_size, options[1].rim_mm)
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
@@ -265,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,1")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for both test configs, e.g. inference.guidance_scale=2")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read checkpoints with full unpickling (may run code from the file)")
     parser.add_argument("--overwrite", action="store_true", help="redo work already done in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--attributes {args.attributes!r}: expected a JSON object")
             rows = synthesize(args.ct, args.organ, args.lesion, args.out, attributes, args.seg, args.seg_version,
                               args.lmnet_config, args.linet_config, args.seed, args.reporter, args.spacing,
-                              args.boxes_per_case, args.steps, parse_gpus(args.gpus), args.overrides,
+                              args.boxes_per_case, args.steps, parse_gpus(args.gpus),
+                              args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
                               args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress)
         except json.JSONDecodeError as error:
             print(f"synthesize.py: error: --attributes is not valid JSON ({error})", file=sys.stderr)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="rewrite <stem>_0 instead of adding a new <stem>_k")
     parser.add_argument("--no-preview", action="store_true", help="no PNG previews")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read checkpoints with full unpickling (may run code from the file; trust_checkpoint)")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -60,6 +62,8 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
                              ("no_progress", "progress", False)):
         if getattr(args, flag):
             overrides.append(f"inference.{key}={str(value).lower()}")
+    if args.trust_checkpoint:
+        overrides.append("trust_checkpoint=true")
     return overrides
 
 

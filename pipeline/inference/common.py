@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ldm.data.volume import Geometry, read_geometry
 from ldm.errors import ConfigError, DataError
 from inference.cases import CaseSpec
+from inference.memory import release_memory
 from inference.results import CaseResult
 
 # Largest difference, in mm, between the affines of two files of one case that still counts as the same grid.
@@ -52,6 +53,8 @@ def process_cases(process: Callable[[CaseSpec], CaseResult], cases: Sequence[Cas
         for case in cases:
             start = time.perf_counter()
             result = process(case)
+            if not result.ok:
+                release_memory()  # a failed case (e.g. out of GPU memory) must not hold memory the next one needs
             result.seconds = round(time.perf_counter() - start, 3)
             results.append(result)
             bar.set_postfix_str(f"{case.case_id}: {result.status}")

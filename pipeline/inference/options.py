@@ -61,6 +61,10 @@ class InferenceOptions:
     progress: bool = True
     batch_size: int = 1
     batch_memory_mb: float = 0.0
+    # Voxel size (mm; one value or z, y, x) the model was trained at, and how far a case may be off it on any axis
+    # before a warning names it (None: no check). The release models were trained at 1 mm.
+    training_spacing_mm: tuple[float, float, float] | None = None
+    spacing_tolerance_mm: float = 0.1
     # LMNet
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     fill_target: str = "ellipsoid"
@@ -95,6 +99,22 @@ def _at_least(options: InferenceOptions, key: str, minimum: float, kind: type | 
         raise _fail(key, f"must be {noun} >= {minimum}, got {value!r}")
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _check_training_spacing(options: InferenceOptions) -> InferenceOptions:
+    """``options`` with ``training_spacing_mm`` as a (z, y, x) tuple (one number counts for every axis)."""
+    spacing = options.training_spacing_mm
+    if spacing is None:
+        return options
+    if _positive_number(spacing):
+        return replace(options, training_spacing_mm=(float(spacing),) * 3)
+    if isinstance(spacing, (list, tuple)) and len(spacing) == 3 and all(_positive_number(v) for v in spacing):
+        return replace(options, training_spacing_mm=tuple(float(v) for v in spacing))
+    raise _fail("training_spacing_mm", f"must be a positive number or three (z, y, x) in mm, got {spacing!r}")
+
+
 def check(options: InferenceOptions) -> InferenceOptions:
     """Validate every setting; returns ``options`` or raises a ConfigError naming the key."""
     for key, allowed in (("stage", STAGES), ("sampler", SAMPLERS), ("precision", PRECISIONS),
@@ -104,7 +124,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
                          ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1)):
         _at_least(options, key, minimum, int)
-    for key in ("eta", "min_fill", "hu_tolerance", "rim_mm", "batch_memory_mb"):
+    for key in ("eta", "min_fill", "hu_tolerance", "rim_mm", "batch_memory_mb", "spacing_tolerance_mm"):
         _at_least(options, key, 0.0)
     for key in ("use_ema", "overwrite", "preview", "progress", "fill_holes", "match_surroundings", "quality_gate"):
         if not isinstance(getattr(options, key), bool):
@@ -115,6 +135,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
         raise _fail("crop_size", f"must be three positive integers (z, y, x), got {list(options.crop_size)}")
     if not options.thresholds or any(not 0.0 < t < 1.0 for t in options.thresholds):
         raise _fail("thresholds", f"must be a non-empty list of numbers in (0, 1), got {list(options.thresholds)}")
+    options = _check_training_spacing(options)
     if options.vq_tile_overlap >= options.vq_tile:
         raise _fail("vq_tile_overlap", f"{options.vq_tile_overlap} must be smaller than vq_tile {options.vq_tile}")
     missing = set(DEFAULT_LISTS[options.stage]) - set(options.lists)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ldm.errors import LesionDiffusionError
 from ldm.fileio import write_json_atomic
+from inference.memory import is_out_of_memory, out_of_memory_message
 
 
 @dataclass
@@ -52,9 +53,13 @@ class CaseResult:
         return self.status == "done"
 
     def fail(self, error: BaseException, debug: bool = False) -> "CaseResult":
-        """Record ``error``: a LesionDiffusionError by its message, anything else with its type and traceback."""
+        """Record ``error``: a LesionDiffusionError by its message, a CUDA out-of-memory error by the case and the
+        allocation that failed, anything else with its type and traceback."""
         self.status = "failed"
-        if isinstance(error, LesionDiffusionError):
+        if is_out_of_memory(error):
+            self.error = out_of_memory_message(self.case_id, error)
+            self.traceback = traceback_module.format_exc() if debug else None
+        elif isinstance(error, LesionDiffusionError):
             self.error = str(error)
             self.traceback = traceback_module.format_exc() if debug else None
         else:

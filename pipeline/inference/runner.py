@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError
+from ldm.models.checkpoint import checkpoint_trust
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.util import get_obj_from_str, instantiate_from_config
@@ -31,7 +32,9 @@ from inference.lmnet import label_list_entries, sample_masks
 from inference.linet import inpaint_cases
 from inference.options import InferenceOptions, parse_options
 from inference.preflight import preflight
+from inference.required_files import check_required_files
 from inference.results import CaseResult, write_run_report
+from inference.spacing import spacing_warnings
 
 POLL_SECONDS = 5.0
 StageHook = Callable[[str, Path, list, InferenceOptions], list]
@@ -82,9 +85,11 @@ def check_weights(config: DictConfig) -> None:
 def load_model(config: DictConfig, device: str | torch.device = "cpu",
                vq_device: str | torch.device | None = None) -> torch.nn.Module:
     """The model of ``config`` with its checkpoint, in eval mode without gradients, on ``device``; a LINet's VQ
-    goes to ``vq_device`` (default: ``device``)."""
+    goes to ``vq_device`` (default: ``device``). Checkpoints are read safely unless the config has
+    ``trust_checkpoint: true`` (``ldm.models.checkpoint``)."""
     check_weights(config)
-    model = instantiate_from_config(config.model, key_path="model")
+    with checkpoint_trust(bool(config.get("trust_checkpoint", False))):
+        model = instantiate_from_config(config.model, key_path="model")
     model.eval()
     model.requires_grad_(False)
     model.to(device)
@@ -179,6 +184,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     ``inference.quality_gate: true`` needs; inference itself never imports the quality package). Returns the
     outcome; a bad case never raises, a bad config does."""
     stage = config_stage(config)
+    check_required_files(config)
     options = parse_options(config.get("inference"), stage)
     if stage == "linet" and options.quality_gate and after_stage is None:
         raise ConfigError("inference.quality_gate is true but no gate was given: run test.py or synthesize.py, or "
@@ -187,6 +193,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     check_weights(config)
     # Every case is checked before any model runs; a case with a problem fails here, naming each problem.
     ready, refused = preflight(cases, options)
+    off_spacing = spacing_warnings(cases, options)
     exp_dir = Path(options.exp_dir)
     launch = detect_launch()
     if launch.distributed and (gpus or placements):
@@ -212,6 +219,8 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
                 results = run_shard(config, stage, placements[0], pending, options, debug, journal)
             else:
                 results = run_spawned(config, stage, placements, pending, options, debug, journal)
+    for result in results:
+        result.warnings[:0] = [off_spacing[result.index]] if result.index in off_spacing else []
     results = sorted([*results, *refused, *finished.values()], key=lambda result: result.index)
     label_list = None
     if stage == "lmnet":

@@ -6,15 +6,17 @@ BERT without its pooler, the last hidden state of token 0 ([CLS]) as the pooled 
 ``cond_stage_model`` its state dict is exactly ``cond_stage_model.model.{transformer,proj}.*`` of the released
 LMNet/LINet checkpoints.
 
-Nothing is read at construction (the release configs build on any machine, also on the ``meta`` device): the
-vocabulary is read at the first encode, the weights at the first encode or at ``load_weights``. Weights that
-arrive through ``load_state_dict`` of a parent module (a LesionDiffusion checkpoint) count as loaded.
+The tokenizer (``vocab.txt`` and ``tokenizer_config.json`` of BiomedCLIP, MIT) ships in ``biomedclip_tokenizer/``
+next to this file and is used unless ``vocab_file`` names another vocabulary. Nothing is read at construction
+(the release configs build on any machine, also on the ``meta`` device): the vocabulary is read at the first
+encode, the weights at the first encode or at ``load_weights``. Weights that arrive through ``load_state_dict`` of
+a parent module (a LesionDiffusion checkpoint) count as loaded.
 """
 from __future__ import annotations
 
 import html
+import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +25,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from ldm.errors import ConfigError, DataError, MissingWeightsError
+from ldm.models.checkpoint import read_state_dict, version_dependent
 from ldm.modules.encoders.attributes import AttributeEncoder
 
 try:
@@ -46,11 +49,16 @@ PUBMEDBERT_CONFIG = {
     "layer_norm_eps": 1e-12,
     "pad_token_id": 0,
 }
-# Keys that are buffers, not weights: files written with transformers < 4.31 hold them, current BERT does not.
-NON_WEIGHT_KEYS = ("transformer.embeddings.position_ids", "transformer.embeddings.token_type_ids")
 # Where the text-tower keys sit in the files we accept, tried in this order.
 KEY_PREFIXES = ("cond_stage_model.model.", "text.", "model.", "")
-REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+TOKENIZER_DIR = Path(__file__).resolve().parent / "biomedclip_tokenizer"
+DEFAULT_VOCAB_FILE = TOKENIZER_DIR / "vocab.txt"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# BertTokenizer settings read from a tokenizer_config.json, with the values BiomedCLIP uses when it has none.
+TOKENIZER_DEFAULTS = {"do_lower_case": True, "tokenize_chinese_chars": True, "strip_accents": None,
+                      "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                      "mask_token": "[MASK]"}
+SPECIAL_TOKENS = ("pad_token", "unk_token", "cls_token", "sep_token")
 
 
 def clean_text(text: str) -> str:
@@ -61,41 +69,34 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
+def tokenizer_settings(vocab_file: str | os.PathLike) -> dict[str, Any]:
+    """BertTokenizer settings from the ``tokenizer_config.json`` beside ``vocab_file`` (defaults without one)."""
+    path = Path(vocab_file).with_name(TOKENIZER_CONFIG)
+    if not path.is_file():
+        return dict(TOKENIZER_DEFAULTS)
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable tokenizer config ({error})") from None
+    if not isinstance(stored, dict):
+        raise DataError(f"{path}: expected a JSON object of tokenizer settings")
+    return {key: stored.get(key, default) for key, default in TOKENIZER_DEFAULTS.items()}
+
+
+def read_vocab(vocab_file: str | os.PathLike, required_tokens: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+               ) -> dict[str, int]:
     """Return ``{word piece: id}`` of a BERT ``vocab.txt`` (one piece per line, id = line number)."""
     path = Path(vocab_file)
     if not path.is_file():
         raise MissingWeightsError(
-            f"{path}: BiomedCLIP vocabulary not found; download vocab.txt from the Hugging Face repo {HF_REPO} "
-            f"and set vocab_file to it")
+            f"{path}: BiomedCLIP vocabulary not found; remove vocab_file from the config to use the vocabulary "
+            f"that ships with the project, or download vocab.txt from the Hugging Face repo {HF_REPO}")
     with path.open(encoding="utf-8") as handle:
         vocab = {line.rstrip("\n"): index for index, line in enumerate(handle)}
-    missing = [token for token in REQUIRED_TOKENS if token not in vocab]
+    missing = [token for token in required_tokens if token not in vocab]
     if missing:
         raise DataError(f"{path}: not a BERT vocabulary, special tokens {missing} are missing")
     return vocab
-
-
-def _load_file(path: Path) -> Mapping[str, Any]:
-    """Read a weights file: safetensors, a plain state dict, or a checkpoint dict holding ``state_dict``."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Lightning checkpoints may pickle hyper-parameters (OmegaConf objects); the user named this file.
-            content = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise DataError(f"{path}: not a readable PyTorch weights file ({error})") from None
-    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
-        content = content["state_dict"]
-    if not isinstance(content, Mapping):
-        raise DataError(f"{path}: expected a state dict or a checkpoint with 'state_dict', "
-                        f"got {type(content).__name__}")
-    return content
 
 
 def read_text_tower_state(weights_path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -109,7 +110,7 @@ def read_text_tower_state(weights_path: str | os.PathLike) -> dict[str, torch.Te
         raise MissingWeightsError(
             f"{path}: BiomedCLIP weights not found; download open_clip_pytorch_model.bin from the Hugging Face repo "
             f"{HF_REPO} (or use a LesionDiffusion LMNet/LINet checkpoint) and set weights_path to it")
-    content = _load_file(path)
+    content = read_state_dict(path)
     for prefix in KEY_PREFIXES:
         if prefix + "proj.0.weight" in content:
             break
@@ -119,7 +120,7 @@ def read_text_tower_state(weights_path: str | os.PathLike) -> dict[str, torch.Te
     state = {}
     for key, tensor in content.items():
         name = key[len(prefix):]
-        if key.startswith(prefix) and name.startswith(("transformer.", "proj.")) and name not in NON_WEIGHT_KEYS:
+        if key.startswith(prefix) and name.startswith(("transformer.", "proj.")) and not version_dependent(name):
             state[name] = tensor
     return state
 
@@ -149,7 +150,8 @@ class BiomedCLIPTextEncoder(AttributeEncoder):
     """Frozen-by-config BiomedCLIP text tower: one 512-d vector per attribute phrase.
 
     Args:
-        vocab_file: BiomedCLIP's ``vocab.txt`` (read at the first encode).
+        vocab_file: a BERT ``vocab.txt`` overriding the shipped BiomedCLIP vocabulary (read at the first encode;
+            settings from ``tokenizer_config.json`` beside it, when present).
         weights_path: ``open_clip_pytorch_model.bin``, a LesionDiffusion checkpoint or a saved encoder state dict
             (read at the first encode unless weights arrived through ``load_state_dict`` or ``load_weights``).
         context_length: tokens per phrase including [CLS]/[SEP]; longer phrases are truncated (original: 256).
@@ -185,18 +187,20 @@ class BiomedCLIPTextEncoder(AttributeEncoder):
         self._tokenizer: BertTokenizer | None = None
 
     @property
+    def vocab_path(self) -> Path:
+        """The vocabulary in use: ``vocab_file``, or the one that ships with the project."""
+        return Path(self.vocab_file) if self.vocab_file is not None else DEFAULT_VOCAB_FILE
+
+    @property
     def tokenizer(self) -> BertTokenizer:
-        """The BERT word-piece tokenizer, built from ``vocab_file`` on first use."""
+        """The BERT word-piece tokenizer, built from :attr:`vocab_path` and its settings on first use."""
         if self._tokenizer is None:
-            if self.vocab_file is None:
-                raise MissingWeightsError(
-                    f"BiomedCLIPTextEncoder: vocab_file is not set; download vocab.txt from the Hugging Face repo "
-                    f"{HF_REPO} and set cond_stage_config.params.vocab_file to it")
-            vocab = read_vocab(self.vocab_file)
+            settings = tokenizer_settings(self.vocab_path)
+            vocab = read_vocab(self.vocab_path, tuple(settings[key] for key in SPECIAL_TOKENS))
             if len(vocab) > self.model.transformer.config.vocab_size:
-                raise DataError(f"{self.vocab_file}: {len(vocab)} word pieces do not fit the model's vocab_size "
+                raise DataError(f"{self.vocab_path}: {len(vocab)} word pieces do not fit the model's vocab_size "
                                 f"{self.model.transformer.config.vocab_size}")
-            self._tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+            self._tokenizer = BertTokenizer(vocab=vocab, **settings)
         return self._tokenizer
 
     def tokenize(self, phrases: list[str]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ldm.errors import MissingWeightsError
+from ldm.models.checkpoint import read_checkpoint
 
 # Conv widths and max-pools ("M") of VGG16 up to relu5_3 (the last pool is not needed).
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -107,10 +108,7 @@ def _read_state_dict(path: str | os.PathLike | None, key: str, what: str) -> Map
     if not os.path.isfile(path):
         raise MissingWeightsError(f"{path}: {what} not found ({key}); put the file there (no download is "
                                   "attempted) or set perceptual_weight: 0 to train without LPIPS")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise MissingWeightsError(f"{path}: cannot read {what} ({type(error).__name__}: {error})") from None
+    state = read_checkpoint(path)  # safely: a weights file needs no code; names the file when unreadable
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
