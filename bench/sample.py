@@ -87,25 +87,34 @@ def bench_linet(config: str, steps: int, device) -> dict:
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
-def bench_vq_decode(config: str, size: int, tiled: bool, tile: int, overlap: int, device) -> dict:
+def bench_vq_decode(config: str, size: int, mode: str, tile: int, overlap: int, device) -> dict:
+    """Decode a random latent to a ``size``³ image: ``whole`` (one pass), ``streamed`` (layer by layer over tiles of
+    ``tile`` latent voxels) or ``overlapping`` (overlapping tiles, GroupNorm statistics measured in extra passes)."""
     import torch
     from omegaconf import OmegaConf
 
     from ldm.models.autoencoder import VQModelInterface
+    from ldm.models.tiling import sliding_window
     from ldm.util import PIPELINE_DIR, load_config
 
     params = OmegaConf.to_container(load_config([PIPELINE_DIR / config]).model.params, resolve=True)
     vq = VQModelInterface(ddconfig=params["ddconfig"], lossconfig={"target": "torch.nn.Identity"},
                           n_embed=params["n_embed"], embed_dim=params["embed_dim"]).to(device).eval()
-    factor = 2 ** len(params["ddconfig"].get("sample_depth", [0]))
+    factor = vq.downsample_factor
     latent = torch.randn(1, params["embed_dim"], *([size // factor] * 3), device=device)
     baseline = peak_mib(device)
     synchronise(device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = vq.decode_tiled(latent, tile=tile, overlap=overlap) if tiled else vq.decode(latent)
+        if mode == "streamed":
+            out = vq.decode_streamed(latent, tile=tile)
+        elif mode == "overlapping":
+            out = sliding_window(lambda part: vq.decode(part), latent, tile, overlap, scale=factor,
+                                 sync_norms=vq.decoder)
+        else:
+            out = vq.decode(latent)
     synchronise(device)
-    return {"volume": [size] * 3, "tiled": tiled, "output": list(out.shape), "seconds": round(time.perf_counter() - start, 2),
+    return {"volume": [size] * 3, "output": list(out.shape), "seconds": round(time.perf_counter() - start, 2),
             "peak_extra_mib": round(peak_mib(device) - baseline, 1)}
 
 
@@ -120,7 +129,7 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
     elif kind == "linet":
         result = bench_linet(case["config"], case["steps"], device)
     else:
-        result = bench_vq_decode(case["config"], case["size"], case["tiled"], case["tile"], case["overlap"], device)
+        result = bench_vq_decode(case["config"], case["size"], case["mode"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
 
 
@@ -133,8 +142,11 @@ def main() -> None:
     parser.add_argument("--linet-config", default="configs/demo/linet_test.yaml")
     parser.add_argument("--vq-config", default="configs/demo/vq.yaml")
     parser.add_argument("--vq-size", type=int, default=256, help="edge of the decoded cube (voxels)")
-    parser.add_argument("--vq-tile", type=int, nargs=2, default=[96, 48], metavar=("TILE", "OVERLAP"),
-                        help="latent tile and overlap of the tiled decode (the inference defaults)")
+    parser.add_argument("--vq-tile", type=int, nargs=2, default=[64, 48], metavar=("TILE", "OVERLAP"),
+                        help="latent tile (streamed and overlapping) and overlap (overlapping only)")
+    parser.add_argument("--vq-modes", nargs="+", default=["whole", "streamed"],
+                        choices=["whole", "streamed", "overlapping"],
+                        help="VQ decodes to compare (overlapping: the old extra-pass tiling, ~17x slower)")
     parser.add_argument("--only", choices=["lmnet", "linet", "vq"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,8 +155,8 @@ def main() -> None:
         return
     cases = [{"kind": "lmnet", "config": args.lmnet_config, "steps": s} for s in args.steps]
     cases += [{"kind": "linet", "config": args.linet_config, "steps": s} for s in args.steps]
-    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "tiled": tiled, "tile": args.vq_tile[0],
-               "overlap": args.vq_tile[1]} for tiled in (False, True)]
+    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "mode": mode, "tile": args.vq_tile[0],
+               "overlap": args.vq_tile[1]} for mode in args.vq_modes]
     for case in cases:
         if args.only and case["kind"] != args.only:
             continue
