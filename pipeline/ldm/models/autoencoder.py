@@ -32,6 +32,7 @@ from ldm.models.checkpoint import load_checkpoint
 from ldm.models.streaming import stream_decoder, stream_encoder, supports_streaming
 from ldm.models.tiling import layout_tiles, per_axis, sliding_window
 from ldm.modules.diffusionmodules.model import Decoder, Encoder, conv_nd, split_ddconfig
+from ldm.modules.diffusionmodules.util import set_fast_conv
 from ldm.modules.quantize import DEFAULT_CHUNK_SIZE, QuantizerInfo, VectorQuantizer
 from ldm.util import get_obj_from_str, instantiate_from_config
 
@@ -70,13 +71,17 @@ def build_loss(lossconfig: Mapping[str, Any], n_embed: int, dims: int) -> nn.Mod
 
 
 class VQModel(pl.LightningModule):
-    """VQ-GAN autoencoder: ``forward(x)`` returns ``(reconstruction, codebook_loss)`` for images in [0, 1]."""
+    """VQ-GAN autoencoder: ``forward(x)`` returns ``(reconstruction, codebook_loss)`` for images in [0, 1].
+
+    ``fast_conv``: float32 CPU convolutions always through oneDNN (``SwitchableConv``; same parameters, results
+    equal within float32 rounding; no effect on GPUs).
+    """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
                  ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
                  image_key: str = "image", monitor: str | None = None, lr_g_factor: float = 1.0,
                  learning_rate: float = 1e-4, quantize_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-                 pad_value: float = 0.0):
+                 pad_value: float = 0.0, fast_conv: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.image_key, self.monitor = image_key, monitor
@@ -95,6 +100,7 @@ class VQModel(pl.LightningModule):
         self.post_quant_conv = conv_nd(self.dims, self.embed_dim, int(ddconfig["z_channels"]), kernel_size=1)
         self.downsample_factor = 2 ** len(self.encoder.resampling_levels)
         self.generator_steps = 0
+        set_fast_conv(self, fast_conv)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 

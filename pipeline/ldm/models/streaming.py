@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample
+from ldm.modules.diffusionmodules.util import onednn_applies
 
 Pointwise = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,7 +88,17 @@ def norm_silu(norm: nn.GroupNorm, source: Activation) -> Pointwise:
     shift = norm.bias.double() - mean * scale
     shape = (1, -1) + (1,) * (source.data.dim() - 2)
     scale, shift = scale.float().view(shape), shift.float().view(shape)
-    return lambda x: F.silu(torch.addcmul(shift.to(x.device), x, scale.to(x.device)))
+    return lambda x: F.silu(torch.addcmul(shift.to(x.device), x, scale.to(x.device)), inplace=True)
+
+
+def convolve(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``conv`` on ``x`` without padding; float32 CPU tiles always through oneDNN (PyTorch would send small tiles
+    to its much slower im2col path)."""
+    zeros = (0,) * (x.dim() - 2)
+    if onednn_applies(x):
+        return torch.mkldnn_convolution(x, conv.weight, conv.bias, zeros, conv.stride, conv.dilation, conv.groups)
+    return getattr(F, f"conv{x.dim() - 2}d")(x, conv.weight, conv.bias, stride=conv.stride, dilation=conv.dilation,
+                                             groups=conv.groups)
 
 
 class Streamer:
@@ -123,12 +134,11 @@ class Streamer:
                        for size, k, s, pad in zip(conv_input, kernel, stride, padding)]
             out = Activation.empty((source.data.shape[0], conv.out_channels, *spatial), self.storage)
         out.reset_sums()
-        operation = getattr(F, f"conv{source.data.dim() - 2}d")
         for box in self.boxes(out.spatial):
             wanted = [(b.start * s - pad, (b.stop - 1) * s - pad + k)
                       for b, k, s, pad in zip(box, kernel, stride, padding)]
             x = self._read(source, wanted, conv_input, pre, upsample)
-            y = operation(x, conv.weight, conv.bias, stride=stride)
+            y = convolve(x, conv)
             if residual is not None:
                 skip, shortcut = residual
                 skip_tile = skip.data[(Ellipsis, *box)].to(self.device, non_blocking=True)
