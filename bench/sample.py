@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--linet-config", default="configs/demo/linet_test.yaml")
     parser.add_argument("--vq-config", default="configs/demo/vq.yaml")
     parser.add_argument("--vq-size", type=int, default=256, help="edge of the decoded cube (voxels)")
-    parser.add_argument("--vq-tile", type=int, nargs=2, default=[64, 48], metavar=("TILE", "OVERLAP"),
+    parser.add_argument("--vq-tile", type=int, nargs=2, default=[32, 48], metavar=("TILE", "OVERLAP"),
                         help="latent tile (streamed and overlapping) and overlap (overlapping only)")
     parser.add_argument("--vq-modes", nargs="+", default=["whole", "streamed"],
                         choices=["whole", "streamed", "overlapping"],

@@ -260,7 +260,7 @@ class VQModelInterface(VQModel):
             voxels *= int(size)
         return 4 * voxels * max(conv.out_channels for conv in self.decoder.modules() if isinstance(conv, nn.Conv3d | nn.Conv2d))
 
-    def encode_streamed(self, x: torch.Tensor, tile: int | Sequence[int] = 128,
+    def encode_streamed(self, x: torch.Tensor, tile: int | Sequence[int] = 64,
                         storage: str | torch.device | None = None) -> torch.Tensor:
         """``encode`` layer by layer over tiles of ``tile`` image voxels (see the class docstring).
 
@@ -275,7 +275,7 @@ class VQModelInterface(VQModel):
                                     place, post=self.quant_conv)
         return latent.to(x.device)
 
-    def decode_streamed(self, h: torch.Tensor, tile: int | Sequence[int] = 64, force_not_quantize: bool = False,
+    def decode_streamed(self, h: torch.Tensor, tile: int | Sequence[int] = 32, force_not_quantize: bool = False,
                         output_shape: Sequence[int] | None = None, storage: str | torch.device | None = None
                         ) -> torch.Tensor:
         """``decode`` layer by layer over tiles of ``tile`` latent voxels (see the class docstring); ``storage`` as in

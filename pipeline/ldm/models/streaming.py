@@ -57,7 +57,7 @@ class Activation:
         sums, squares = tile.sum(axes, dtype=torch.float64), tile.square().sum(axes, dtype=torch.float64)
         self.sums = sums if self.sums is None else self.sums + sums
         self.squares = squares if self.squares is None else self.squares + squares
-        self.data[(Ellipsis, *box)] = tile.to(self.data.device, non_blocking=True)
+        self.data[(Ellipsis, *box)].copy_(tile)  # synchronous: a device tile is complete before it is stored
 
     def group_statistics(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-volume mean and biased variance per channel (its group's values), float64 ``(C,)``."""
