@@ -6,7 +6,9 @@
 
 Prints one JSON object per measurement. Every case runs in its own subprocess, so the peak memory (max RSS on
 the CPU, max allocated on CUDA) is that case's alone. Models are built from the configs; their checkpoints are
-loaded when present, else the weights stay random (timing and memory do not depend on the weights).
+loaded when present, else the weights stay random (timing and memory do not depend on the weights). LMNet and
+LINet run with ``fast_conv`` off ("before", today's convolutions) and on ("after"), one right after the other;
+the VQ decode compares ``whole`` (one pass), ``streamed`` and ``overlapping`` (the former exact tiling).
 """
 from __future__ import annotations
 
@@ -52,10 +54,13 @@ def synchronise(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_lmnet(config: str, steps: int, device) -> dict:
+def bench_lmnet(config: str, steps: int, device, fast_conv: bool) -> dict:
     import torch
 
+    from ldm.modules.diffusionmodules.util import set_fast_conv
+
     model, inference = build(config, device, drop_checkpoints=False)
+    set_fast_conv(model, fast_conv)
     crop = inference.get("crop_size", [64, 152, 152])
     cond = torch.zeros(1, 3, *crop, device=device)
     cond[:, 1, 2:-2, 4:-4, 4:-4] = 1
@@ -68,10 +73,13 @@ def bench_lmnet(config: str, steps: int, device) -> dict:
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
-def bench_linet(config: str, steps: int, device) -> dict:
+def bench_linet(config: str, steps: int, device, fast_conv: bool) -> dict:
     import torch
 
+    from ldm.modules.diffusionmodules.util import set_fast_conv
+
     model, inference = build(config, device, drop_checkpoints=False)
+    set_fast_conv(model, fast_conv)
     crop = inference.get("crop_size", [128, 128, 128])
     image = torch.rand(1, 1, *crop, generator=torch.Generator().manual_seed(0)).to(device)
     label = torch.zeros(1, *crop, dtype=torch.long, device=device)
@@ -125,9 +133,9 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
     device = torch.device(device_name)
     kind = case["kind"]
     if kind == "lmnet":
-        result = bench_lmnet(case["config"], case["steps"], device)
+        result = bench_lmnet(case["config"], case["steps"], device, case["fast_conv"])
     elif kind == "linet":
-        result = bench_linet(case["config"], case["steps"], device)
+        result = bench_linet(case["config"], case["steps"], device, case["fast_conv"])
     else:
         result = bench_vq_decode(case["config"], case["size"], case["mode"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
@@ -153,8 +161,9 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case), args.device, args.threads)))
         return
-    cases = [{"kind": "lmnet", "config": args.lmnet_config, "steps": s} for s in args.steps]
-    cases += [{"kind": "linet", "config": args.linet_config, "steps": s} for s in args.steps]
+    cases = [{"kind": kind, "config": config, "steps": steps, "fast_conv": fast}
+             for kind, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))
+             for steps in args.steps for fast in (False, True)]
     cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "mode": mode, "tile": args.vq_tile[0],
                "overlap": args.vq_tile[1]} for mode in args.vq_modes]
     for case in cases:
