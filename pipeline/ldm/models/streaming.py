@@ -33,7 +33,7 @@ Pointwise = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Activation:
-    """A whole-volume activation ``(B, C, *S)`` on ``storage`` plus per-channel float64 sums of what was written."""
+    """A whole-volume activation ``(B, C, *S)`` on ``storage`` plus float64 sums ``(B, C)`` of what was written."""
 
     def __init__(self, data: torch.Tensor):
         self.data = data
@@ -52,21 +52,22 @@ class Activation:
         self.sums = self.squares = None
 
     def write(self, box: tuple[slice, ...], tile: torch.Tensor) -> None:
-        """Store ``tile`` at ``box`` and add its per-channel sums (on the tile's device, in float64)."""
-        axes = [0] + list(range(2, tile.dim()))
+        """Store ``tile`` at ``box`` and add its per-sample, per-channel sums (on the tile's device, float64)."""
+        axes = list(range(2, tile.dim()))
         sums, squares = tile.sum(axes, dtype=torch.float64), tile.square().sum(axes, dtype=torch.float64)
         self.sums = sums if self.sums is None else self.sums + sums
         self.squares = squares if self.squares is None else self.squares + squares
         self.data[(Ellipsis, *box)].copy_(tile)  # synchronous: a device tile is complete before it is stored
 
     def group_statistics(self, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole-volume mean and biased variance per channel (its group's values), float64 ``(C,)``."""
-        count = self.data.numel() // self.data.shape[1] * (self.data.shape[1] // norm.num_groups)
-        sums = self.sums.view(norm.num_groups, -1).sum(-1) / count
-        squares = self.squares.view(norm.num_groups, -1).sum(-1) / count
-        variance = (squares - sums ** 2).clamp_min(0.0)
-        per_channel = self.data.shape[1] // norm.num_groups
-        return sums.repeat_interleave(per_channel), variance.repeat_interleave(per_channel)
+        """Whole-volume mean and biased variance of each sample's groups, per channel: float64 ``(B, C)``."""
+        batch, channels = self.data.shape[:2]
+        per_group = channels // norm.num_groups
+        count = self.data[0, 0].numel() * per_group
+        mean = self.sums.view(batch, norm.num_groups, per_group).sum(-1) / count
+        squares = self.squares.view(batch, norm.num_groups, per_group).sum(-1) / count
+        variance = (squares - mean ** 2).clamp_min(0.0)
+        return mean.repeat_interleave(per_group, dim=1), variance.repeat_interleave(per_group, dim=1)
 
 
 def supports_streaming(network: nn.Module) -> bool:
@@ -86,7 +87,7 @@ def norm_silu(norm: nn.GroupNorm, source: Activation) -> Pointwise:
     mean, variance = source.group_statistics(norm)
     scale = torch.rsqrt(variance + norm.eps) * norm.weight.double()
     shift = norm.bias.double() - mean * scale
-    shape = (1, -1) + (1,) * (source.data.dim() - 2)
+    shape = tuple(mean.shape) + (1,) * (source.data.dim() - 2)
     scale, shift = scale.float().view(shape), shift.float().view(shape)
     return lambda x: F.silu(torch.addcmul(shift.to(x.device), x, scale.to(x.device)), inplace=True)
 
