@@ -152,9 +152,9 @@ def main() -> int:
         del run
         torch.cuda.empty_cache()
     for (steps, precision), seconds in per_lesion.items():
+        peak = max(row["peak_gib"] for row in rows if row["steps"] == steps and row["precision"] == precision)
         rows.append({"stage": "end to end (LMNet + LINet)", "size": "", "steps": steps, "precision": precision,
-                     "seconds": sum(seconds), "peak_gib": max(row["peak_gib"] for row in rows
-                                                              if row["steps"] == steps and row["precision"] == precision)})
+                     "seconds": sum(seconds), "peak_gib": peak})
     if not args.skip_vq:
         rows.append(streamed_vq(device, args.vq_shape, args.vq_memory_gib, args.vq_tile))
     print_table(rows, torch.cuda.get_device_name(device))

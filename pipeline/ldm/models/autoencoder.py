@@ -255,10 +255,12 @@ class VQModelInterface(VQModel):
         return self.device if 2 * widest_layer_bytes < free // 2 else torch.device("cpu")
 
     def _widest_layer_bytes(self, spatial_at_image: Sequence[int], batch: int) -> int:
+        """Bytes of a float32 activation with the decoder's most channels at image resolution (an upper bound)."""
         voxels = batch
         for size in spatial_at_image:
             voxels *= int(size)
-        return 4 * voxels * max(conv.out_channels for conv in self.decoder.modules() if isinstance(conv, nn.Conv3d | nn.Conv2d))
+        widest = max(conv.out_channels for conv in self.decoder.modules() if isinstance(conv, (nn.Conv2d, nn.Conv3d)))
+        return 4 * voxels * widest
 
     def encode_streamed(self, x: torch.Tensor, tile: int | Sequence[int] = 64,
                         storage: str | torch.device | None = None) -> torch.Tensor:

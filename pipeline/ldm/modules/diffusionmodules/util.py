@@ -1,7 +1,8 @@
 """Small building blocks shared by the UNet and the diffusion classes.
 
 Timestep embedding, normalisation, dimension-generic conv/pool factories (with the ``fast_conv`` switch), beta
-schedules and activation checkpointing. The numerics follow the original LesionDiffusion code so released checkpoints behave the same.
+schedules and activation checkpointing. The numerics follow the original LesionDiffusion code so released
+checkpoints behave the same.
 """
 from __future__ import annotations
 
