@@ -7,7 +7,9 @@ VQ decoding.
 
 Prints one JSON object per measurement. Every case runs in its own subprocess, so the peak memory (max RSS on
 the CPU, max allocated on CUDA) is that case's alone. Models are built from the configs; their checkpoints are
-loaded when present, else the weights stay random (timing and memory do not depend on the weights).
+loaded when present, else the weights stay random (timing and memory do not depend on the weights). LMNet and
+LINet run with ``fast_conv`` off ("before", today's convolutions) and on ("after"), one right after the other;
+the VQ decode compares ``whole`` (one pass), ``streamed`` and ``overlapping`` (the former exact tiling).
 """
 from __future__ import annotations
 
@@ -53,10 +55,13 @@ def synchronise(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_lmnet(config: str, steps: int, device) -> dict:
+def bench_lmnet(config: str, steps: int, device, fast_conv: bool) -> dict:
     import torch
 
+    from ldm.modules.diffusionmodules.util import set_fast_conv
+
     model, inference = build(config, device, drop_checkpoints=False)
+    set_fast_conv(model, fast_conv)
     crop = inference.get("crop_size", [64, 152, 152])
     cond = torch.zeros(1, 3, *crop, device=device)
     cond[:, 1, 2:-2, 4:-4, 4:-4] = 1
@@ -69,10 +74,13 @@ def bench_lmnet(config: str, steps: int, device) -> dict:
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
-def bench_linet(config: str, steps: int, device) -> dict:
+def bench_linet(config: str, steps: int, device, fast_conv: bool) -> dict:
     import torch
 
+    from ldm.modules.diffusionmodules.util import set_fast_conv
+
     model, inference = build(config, device, drop_checkpoints=False)
+    set_fast_conv(model, fast_conv)
     crop = inference.get("crop_size", [128, 128, 128])
     image = torch.rand(1, 1, *crop, generator=torch.Generator().manual_seed(0)).to(device)
     label = torch.zeros(1, *crop, dtype=torch.long, device=device)
@@ -122,25 +130,34 @@ def bench_batching(stage: str, config: str, steps: int, batch: int, device, repe
             "max_abs_difference": float((alone - together).abs().max())}
 
 
-def bench_vq_decode(config: str, size: int, tiled: bool, tile: int, overlap: int, device) -> dict:
+def bench_vq_decode(config: str, size: int, mode: str, tile: int, overlap: int, device) -> dict:
+    """Decode a random latent to a ``size``³ image: ``whole`` (one pass), ``streamed`` (layer by layer over tiles of
+    ``tile`` latent voxels) or ``overlapping`` (overlapping tiles, GroupNorm statistics measured in extra passes)."""
     import torch
     from omegaconf import OmegaConf
 
     from ldm.models.autoencoder import VQModelInterface
+    from ldm.models.tiling import sliding_window
     from ldm.util import PIPELINE_DIR, load_config
 
     params = OmegaConf.to_container(load_config([PIPELINE_DIR / config]).model.params, resolve=True)
     vq = VQModelInterface(ddconfig=params["ddconfig"], lossconfig={"target": "torch.nn.Identity"},
                           n_embed=params["n_embed"], embed_dim=params["embed_dim"]).to(device).eval()
-    factor = 2 ** len(params["ddconfig"].get("sample_depth", [0]))
+    factor = vq.downsample_factor
     latent = torch.randn(1, params["embed_dim"], *([size // factor] * 3), device=device)
     baseline = peak_mib(device)
     synchronise(device)
     start = time.perf_counter()
     with torch.no_grad():
-        out = vq.decode_tiled(latent, tile=tile, overlap=overlap) if tiled else vq.decode(latent)
+        if mode == "streamed":
+            out = vq.decode_streamed(latent, tile=tile)
+        elif mode == "overlapping":
+            out = sliding_window(lambda part: vq.decode(part), latent, tile, overlap, scale=factor,
+                                 sync_norms=vq.decoder)
+        else:
+            out = vq.decode(latent)
     synchronise(device)
-    return {"volume": [size] * 3, "tiled": tiled, "output": list(out.shape), "seconds": round(time.perf_counter() - start, 2),
+    return {"volume": [size] * 3, "output": list(out.shape), "seconds": round(time.perf_counter() - start, 2),
             "peak_extra_mib": round(peak_mib(device) - baseline, 1)}
 
 
@@ -151,13 +168,13 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
     device = torch.device(device_name)
     kind = case["kind"]
     if kind == "lmnet":
-        result = bench_lmnet(case["config"], case["steps"], device)
+        result = bench_lmnet(case["config"], case["steps"], device, case["fast_conv"])
     elif kind == "linet":
-        result = bench_linet(case["config"], case["steps"], device)
+        result = bench_linet(case["config"], case["steps"], device, case["fast_conv"])
     elif kind == "batching":
         result = bench_batching(case["stage"], case["config"], case["steps"], case["batch"], device)
     else:
-        result = bench_vq_decode(case["config"], case["size"], case["tiled"], case["tile"], case["overlap"], device)
+        result = bench_vq_decode(case["config"], case["size"], case["mode"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
 
 
@@ -170,8 +187,11 @@ def main() -> None:
     parser.add_argument("--linet-config", default="configs/demo/linet_test.yaml")
     parser.add_argument("--vq-config", default="configs/demo/vq.yaml")
     parser.add_argument("--vq-size", type=int, default=256, help="edge of the decoded cube (voxels)")
-    parser.add_argument("--vq-tile", type=int, nargs=2, default=[96, 48], metavar=("TILE", "OVERLAP"),
-                        help="latent tile and overlap of the tiled decode (the inference defaults)")
+    parser.add_argument("--vq-tile", type=int, nargs=2, default=[32, 48], metavar=("TILE", "OVERLAP"),
+                        help="latent tile (streamed and overlapping) and overlap (overlapping only)")
+    parser.add_argument("--vq-modes", nargs="+", default=["whole", "streamed"],
+                        choices=["whole", "streamed", "overlapping"],
+                        help="VQ decodes to compare (overlapping: the old extra-pass tiling, ~17x slower)")
     parser.add_argument("--batch", type=int, default=4, help="lesions per UNet batch in the batching comparison")
     parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -179,12 +199,13 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case), args.device, args.threads)))
         return
-    cases = [{"kind": "lmnet", "config": args.lmnet_config, "steps": s} for s in args.steps]
-    cases += [{"kind": "linet", "config": args.linet_config, "steps": s} for s in args.steps]
+    cases = [{"kind": kind, "config": config, "steps": steps, "fast_conv": fast}
+             for kind, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))
+             for steps in args.steps for fast in (False, True)]
+    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "mode": mode, "tile": args.vq_tile[0],
+               "overlap": args.vq_tile[1]} for mode in args.vq_modes]
     cases += [{"kind": "batching", "stage": stage, "config": config, "steps": args.steps[0], "batch": args.batch}
               for stage, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))]
-    cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "tiled": tiled, "tile": args.vq_tile[0],
-               "overlap": args.vq_tile[1]} for tiled in (False, True)]
     for case in cases:
         if args.only and case["kind"] != args.only:
             continue

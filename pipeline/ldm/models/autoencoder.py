@@ -29,8 +29,10 @@ from torch import nn
 
 from ldm.errors import ConfigError, DataError, MissingWeightsError
 from ldm.models.checkpoint import load_checkpoint
-from ldm.models.tiling import sliding_window
+from ldm.models.streaming import stream_decoder, stream_encoder, supports_streaming
+from ldm.models.tiling import layout_tiles, per_axis, sliding_window
 from ldm.modules.diffusionmodules.model import Decoder, Encoder, conv_nd, split_ddconfig
+from ldm.modules.diffusionmodules.util import set_fast_conv
 from ldm.modules.quantize import DEFAULT_CHUNK_SIZE, QuantizerInfo, VectorQuantizer
 from ldm.util import get_obj_from_str, instantiate_from_config
 
@@ -69,13 +71,17 @@ def build_loss(lossconfig: Mapping[str, Any], n_embed: int, dims: int) -> nn.Mod
 
 
 class VQModel(pl.LightningModule):
-    """VQ-GAN autoencoder: ``forward(x)`` returns ``(reconstruction, codebook_loss)`` for images in [0, 1]."""
+    """VQ-GAN autoencoder: ``forward(x)`` returns ``(reconstruction, codebook_loss)`` for images in [0, 1].
+
+    ``fast_conv``: float32 CPU convolutions always through oneDNN (``SwitchableConv``; same parameters, results
+    equal within float32 rounding; no effect on GPUs).
+    """
 
     def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
                  ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
                  image_key: str = "image", monitor: str | None = None, lr_g_factor: float = 1.0,
                  learning_rate: float = 1e-4, quantize_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-                 pad_value: float = 0.0):
+                 pad_value: float = 0.0, fast_conv: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.image_key, self.monitor = image_key, monitor
@@ -94,6 +100,7 @@ class VQModel(pl.LightningModule):
         self.post_quant_conv = conv_nd(self.dims, self.embed_dim, int(ddconfig["z_channels"]), kernel_size=1)
         self.downsample_factor = 2 ** len(self.encoder.resampling_levels)
         self.generator_steps = 0
+        set_fast_conv(self, fast_conv)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
@@ -211,16 +218,15 @@ class VQModelInterface(VQModel):
 
     Use with ``lossconfig: {target: torch.nn.Identity}``; freeze it with ``.freeze()``.
 
-    ``encode_tiled`` / ``decode_tiled`` process volumes too large for one pass (``ldm.models.tiling``). By default
-    (``global_norm=True``) every GroupNorm uses whole-volume statistics, and the result equals the whole-volume
-    one up to float rounding once ``3/8 · overlap`` reaches the receptive radius R: release model R = 22 image
-    voxels for the encoder (overlap ≥ 64) and 16 latent voxels for the decoder (overlap ≥ 48); demo model
-    18 and 12 (overlap ≥ 48 and ≥ 32). Measured (bench/vq_tiling.py, demo architecture, random weights, 96³
-    body phantom, encode tile 80/overlap 64, decode tile 40/overlap 32): max abs difference 3.5e-6 (latent std
-    0.43) and 8.3e-6 (image std 0.32), the same in the interior and in the 4-voxel outer shell. With per-tile
-    statistics (``global_norm=False``, one pass) the same tiling differs by up to 0.83 and 0.72: unusable for
-    CT, kept only for quick previews. Cost of ``global_norm``: up to (GroupNorm layers + 1) passes (release
-    encoder 11, decoder 17 layers); memory stays that of one tile.
+    ``encode_tiled`` / ``decode_tiled`` process volumes too large for one pass. By default (``global_norm=True``)
+    they stream (``ldm.models.streaming``): every layer runs over the whole volume tile by tile, GroupNorm
+    statistics are summed while each layer's output is written, and activations stay in host memory when they do
+    not fit on the device. The result equals the whole-volume one up to float rounding (tested ≤ 1e-5) at about
+    the untiled time; ``overlap`` is then unused (tiles need no overlap). Networks with attention layers fall back
+    to overlapping tiles with whole-volume GroupNorm statistics measured in extra passes (``ldm.models.tiling``:
+    exact once ``3/8 · overlap`` reaches the receptive radius, release decoder 16 latent voxels; up to
+    GroupNorm layers + 1 passes). ``global_norm=False``: overlapping tiles that each normalise themselves (one
+    pass, visibly inexact: up to 0.8 on a body phantom), for quick previews only.
     """
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,17 +243,74 @@ class VQModelInterface(VQModel):
     def _to_module(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype)
 
+    def _storage(self, volume: torch.Tensor, widest_layer_bytes: int, storage: str | torch.device | None
+                 ) -> torch.device:
+        """Where streamed activations live: ``storage`` if given; else the module's device when two activations of
+        the widest layer fit in half its free memory, else host memory."""
+        if storage is not None:
+            return torch.device(storage)
+        if self.device.type != "cuda":
+            return volume.device if volume.device.type == "cpu" else torch.device("cpu")
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if 2 * widest_layer_bytes < free // 2 else torch.device("cpu")
+
+    def _widest_layer_bytes(self, spatial_at_image: Sequence[int], batch: int) -> int:
+        """Bytes of a float32 activation with the decoder's most channels at image resolution (an upper bound)."""
+        voxels = batch
+        for size in spatial_at_image:
+            voxels *= int(size)
+        widest = max(conv.out_channels for conv in self.decoder.modules() if isinstance(conv, (nn.Conv2d, nn.Conv3d)))
+        return 4 * voxels * widest
+
+    def encode_streamed(self, x: torch.Tensor, tile: int | Sequence[int] = 64,
+                        storage: str | torch.device | None = None) -> torch.Tensor:
+        """``encode`` layer by layer over tiles of ``tile`` image voxels (see the class docstring).
+
+        ``storage``: device of the whole-volume activations (default: the module's device when they fit, else
+        the CPU). Returns the float32 latent ``(B, embed_dim, *ceil(S / f))`` on ``x``'s device.
+        """
+        padded = pad_to_multiple(x, self.downsample_factor, self.pad_value)
+        place = self._storage(padded, self._widest_layer_bytes(padded.shape[2:], padded.shape[0]), storage)
+        tiles = per_axis(tile, padded.dim() - 2, "tile")
+        with torch.no_grad():
+            latent = stream_encoder(self.encoder, padded.to(device=place, dtype=torch.float32), tiles, self.device,
+                                    place, post=self.quant_conv)
+        return latent.to(x.device)
+
+    def decode_streamed(self, h: torch.Tensor, tile: int | Sequence[int] = 32, force_not_quantize: bool = False,
+                        output_shape: Sequence[int] | None = None, storage: str | torch.device | None = None
+                        ) -> torch.Tensor:
+        """``decode`` layer by layer over tiles of ``tile`` latent voxels (see the class docstring); ``storage`` as in
+        ``encode_streamed``. Returns a float32 image ``(B, out_ch, *L·f)`` on ``h``'s device, cropped to
+        ``output_shape`` when given."""
+        image_spatial = [size * self.downsample_factor for size in h.shape[2:]]
+        place = self._storage(h, self._widest_layer_bytes(image_spatial, h.shape[0]), storage)
+
+        def quantise(latent: torch.Tensor) -> torch.Tensor:
+            return self.post_quant_conv(latent if force_not_quantize else self.quantize(latent)[0])
+
+        tiles = per_axis(tile, h.dim() - 2, "tile")
+        with torch.no_grad():
+            decoded = stream_decoder(self.decoder, h.to(device=place, dtype=torch.float32), tiles, self.device, place,
+                                     pre=quantise).to(h.device)
+        return decoded if output_shape is None else crop_to_shape(decoded, output_shape)
+
     def encode_tiled(self, x: torch.Tensor, tile: int | Sequence[int] = 192, overlap: int | Sequence[int] = 64,
                      global_norm: bool = True) -> torch.Tensor:
         """``encode`` tile by tile: ``tile``/``overlap`` in image voxels, multiples of the downsampling factor.
 
         Any volume size works (it is padded with air to a multiple of the factor, as in ``encode``). With
-        ``global_norm`` the GroupNorm layers use whole-volume statistics (exact up to the cut-face padding, about
-        (GroupNorm layers / 2 + 1) times the compute, no gradients); without it each tile normalises itself (one
-        pass, visibly inexact). Tiles run on the module's device; the float32 result stays on ``x``'s device,
-        shape ``(B, embed_dim, *ceil(S / f))``.
+        ``global_norm`` the result is exact: streamed (``encode_streamed``, ``overlap`` unused) or, for networks
+        with attention, overlapping tiles with measured whole-volume statistics; without it each tile normalises
+        itself (one pass, visibly inexact). The float32 result stays on ``x``'s device, shape
+        ``(B, embed_dim, *ceil(S / f))``.
         """
         padded = pad_to_multiple(x, self.downsample_factor, self.pad_value)
+        dims = padded.dim() - 2
+        layout_tiles(padded.shape[2:], per_axis(tile, dims, "tile"), per_axis(overlap, dims, "overlap"),
+                     self.downsample_factor)
+        if global_norm and supports_streaming(self.encoder):
+            return self.encode_streamed(x, tile)
         return sliding_window(lambda part: self.encode(self._to_module(part)), padded, tile, overlap,
                               scale=Fraction(1, self.downsample_factor), align=self.downsample_factor,
                               sync_norms=self.encoder if global_norm else None)
@@ -255,11 +318,16 @@ class VQModelInterface(VQModel):
     def decode_tiled(self, h: torch.Tensor, tile: int | Sequence[int] = 96, overlap: int | Sequence[int] = 48,
                      force_not_quantize: bool = False, output_shape: Sequence[int] | None = None,
                      global_norm: bool = True) -> torch.Tensor:
-        """``decode`` tile by tile: ``tile``/``overlap`` in latent voxels; ``global_norm`` as in ``encode_tiled``.
+        """``decode`` tile by tile: ``tile``/``overlap`` in latent voxels; ``global_norm`` as in ``encode_tiled``
+        (streamed through ``decode_streamed`` when the decoder allows it).
 
         Quantisation is per voxel, so tiling it is exact. Returns a float32 image ``(B, out_ch, *L·f)`` on
         ``h``'s device, cropped to ``output_shape`` when given.
         """
+        dims = h.dim() - 2
+        layout_tiles(h.shape[2:], per_axis(tile, dims, "tile"), per_axis(overlap, dims, "overlap"), 1)
+        if global_norm and supports_streaming(self.decoder):
+            return self.decode_streamed(h, tile, force_not_quantize, output_shape)
         decoded = sliding_window(lambda part: self.decode(self._to_module(part), force_not_quantize), h, tile,
                                  overlap, scale=self.downsample_factor,
                                  sync_norms=self.decoder if global_norm else None)

@@ -1,5 +1,8 @@
 """Sliding-window application of a network to volumes too large for one pass, with smooth blending.
 
+For the VQ without attention layers ``ldm.models.streaming`` is the exact and faster way (one pass per layer);
+this module remains for networks with attention and for quick per-tile-normalised previews.
+
 A volume ``(B, C, *S)`` is cut into overlapping tiles; each tile goes through ``run_tile`` (which may resample
 by a fixed factor, e.g. ×1/2 for the VQ encoder and ×2 for its decoder). Outputs are blended with a smooth
 window: across each overlap shared by two neighbours the weight passes from one tile to the other with a

@@ -18,7 +18,8 @@ from ldm.errors import ConfigError, DataError
 from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.modules.diffusionmodules.blocks import (AttentionBlock, Downsample, ResBlock, TimestepEmbedSequential,
                                                   Upsample)
-from ldm.modules.diffusionmodules.util import conv_nd, normalization, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.util import (conv_nd, normalization, set_fast_conv, timestep_embedding,
+                                                zero_module)
 
 
 class UNetModel(nn.Module):
@@ -34,6 +35,8 @@ class UNetModel(nn.Module):
     becomes a second self-attention (the LINet test config; needs transformer width == ``context_dim``).
     ``use_checkpoint`` recomputes ResBlock, attention and transformer activations in the backward pass.
     ``image_size`` is recorded only; any spatial size divisible by ``2**(len(channel_mult)-1)`` works.
+    ``fast_conv`` sends float32 CPU convolutions to oneDNN (``SwitchableConv``; same parameters and outputs within
+    float32 rounding); ``set_fast_conv(model, flag)`` flips it later.
     """
 
     def __init__(self, image_size, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
@@ -44,7 +47,7 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
                  transformer_depth: int = 1, context_dim: int | None = None, n_embed: int | None = None,
-                 legacy: bool = True, skip_context: bool = False):
+                 legacy: bool = True, skip_context: bool = False, fast_conv: bool = False):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ConfigError("UNetModel: use_spatial_transformer=True needs context_dim (the text feature width)")
@@ -132,6 +135,7 @@ class UNetModel(nn.Module):
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
         if skip_context:
             self._check_self_attention_widths()
+        set_fast_conv(self, fast_conv)
 
     def _attention(self, channels: int, decoder: bool) -> nn.Module:
         """Attention layer at width ``channels``: heads and head width follow the original ``legacy`` rules."""

@@ -1,7 +1,8 @@
 """Small building blocks shared by the UNet and the diffusion classes.
 
-Timestep embedding, normalisation, dimension-generic conv/pool factories, beta schedules and activation
-checkpointing. The numerics follow the original LesionDiffusion code so released checkpoints behave the same.
+Timestep embedding, normalisation, dimension-generic conv/pool factories (with the ``fast_conv`` switch), beta
+schedules and activation checkpointing. The numerics follow the original LesionDiffusion code so released
+checkpoints behave the same.
 """
 from __future__ import annotations
 
@@ -55,10 +56,52 @@ def _check_dims(dims: int) -> None:
         raise ConfigError(f"dims={dims!r}: only 1, 2 or 3 spatial dimensions are supported")
 
 
+class SwitchableConv:
+    """Mixin for ``nn.ConvNd``: with ``fast = True`` a float32 CPU convolution always runs through oneDNN.
+
+    PyTorch sends small CPU convolutions (e.g. 16 channels at 32³ voxels) to its im2col fallback
+    (``slow_conv3d``), measured 10-17× slower than oneDNN on the same input; results agree within float32
+    rounding (different summation order). No parameters are added, so state-dict keys stay those of ``nn.ConvNd``.
+    Other devices and dtypes use PyTorch's own choice.
+    """
+
+    fast = False
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fast and onednn_applies(input, self.padding_mode, self.padding):
+            return torch.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+def onednn_applies(input: torch.Tensor, padding_mode: str = "zeros", padding=(0,)) -> bool:
+    """Whether ``torch.mkldnn_convolution`` can take this convolution (float32 CPU, zero or no padding)."""
+    return (input.device.type == "cpu" and input.dtype == torch.float32 and padding_mode == "zeros"
+            and not isinstance(padding, str) and torch.backends.mkldnn.is_available())
+
+
+class Conv1d(SwitchableConv, nn.Conv1d):
+    """``nn.Conv1d`` with the ``fast`` switch of ``SwitchableConv``."""
+
+
+class Conv2d(SwitchableConv, nn.Conv2d):
+    """``nn.Conv2d`` with the ``fast`` switch of ``SwitchableConv``."""
+
+
+class Conv3d(SwitchableConv, nn.Conv3d):
+    """``nn.Conv3d`` with the ``fast`` switch of ``SwitchableConv``."""
+
+
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """Return ``nn.Conv1d``/``Conv2d``/``Conv3d`` built with the given arguments, chosen by ``dims``."""
+    """Return a ``Conv1d``/``Conv2d``/``Conv3d`` (``nn.ConvNd`` + ``fast`` switch) chosen by ``dims``."""
     _check_dims(dims)
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+    return (Conv1d, Conv2d, Conv3d)[dims - 1](*args, **kwargs)
+
+
+def set_fast_conv(module: nn.Module, enabled: bool) -> None:
+    """Turn the oneDNN path of every ``SwitchableConv`` inside ``module`` on or off (see ``SwitchableConv``)."""
+    for layer in module.modules():
+        if isinstance(layer, SwitchableConv):
+            layer.fast = bool(enabled)
 
 
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
