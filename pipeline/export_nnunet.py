@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.data.lists import read_aligned_lists  # noqa: E402
 from ldm.data.volume import Geometry, read_geometry, read_label, write_volume  # noqa: E402
-from ldm.cli import one_line_warnings  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
 from inference.source_grid import nearest_on_source_grid  # noqa: E402
@@ -293,23 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1 when a case could not be exported)."""
-    args = build_parser().parse_args(argv)
-    with one_line_warnings():
-        return run(args)
+    return run_command(run, build_parser().parse_args(argv), "export_nnunet.py")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments; returns the exit status."""
-    try:
-        tolerances = resolve_tolerances(args.exp_dir, args.tolerances) if args.only_passed else None
-        result = export_nnunet(args.exp_dir, args.out_dir, args.dataset_id, args.name, args.labels, args.only_passed,
-                               args.failed, tuple(args.include_real) if args.include_real else None, tolerances,
-                               args.which, args.overwrite, not args.no_progress)
-    except LesionDiffusionError as error:
-        if args.debug:
-            raise
-        print(f"export_nnunet.py: error: {error}", file=sys.stderr)
-        return 1
+    tolerances = resolve_tolerances(args.exp_dir, args.tolerances) if args.only_passed else None
+    result = export_nnunet(args.exp_dir, args.out_dir, args.dataset_id, args.name, args.labels, args.only_passed,
+                           args.failed, tuple(args.include_real) if args.include_real else None, tolerances,
+                           args.which, args.overwrite, not args.no_progress)
     kinds = {kind: sum(case.kind == kind for case in result.cases) for kind in ("synthetic", "real")}
     ignored = sum(case.ignored_lesions for case in result.cases)
     print(f"{result.dataset_dir}: {len(result.cases)} case(s) ({kinds['synthetic']} synthetic, {kinds['real']} real), "
