@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ldm.cli import find_config, one_line_warnings  # noqa: E402
-from ldm.errors import DataError, LesionDiffusionError  # noqa: E402
+from ldm.cli import find_config, run_command  # noqa: E402
+from ldm.errors import DataError  # noqa: E402
 from ldm.fileio import atomic_path  # noqa: E402
 from ldm.models.checkpoint import (  # noqa: E402
     SAFETENSORS_SUFFIX, TEST_ONLY_PREFIXES, encode_extra_state, read_checkpoint, state_dict_of, version_dependent)
@@ -231,21 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns 0 on success, 1 with a one-line error otherwise."""
-    args = build_parser().parse_args(argv)
+    return run_command(run, build_parser().parse_args(argv), "convert_checkpoint.py")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Describe or convert for parsed arguments; returns the exit status."""
     trust = args.trust_checkpoint or None
-    with one_line_warnings():
-        try:
-            if args.info:
-                print("\n".join(info_lines(describe(args.source, args.config, trust))))
-                return 0
-            if args.target is None:
-                raise DataError("give OUT.safetensors to convert to, or --info to describe IN")
-            written = convert(args.source, args.target, trust)
-        except LesionDiffusionError as error:
-            if args.debug:
-                raise
-            print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
-            return 1
+    if args.info:
+        print("\n".join(info_lines(describe(args.source, args.config, trust))))
+        return 0
+    if args.target is None:
+        raise DataError("give OUT.safetensors to convert to, or --info to describe IN")
+    written = convert(args.source, args.target, trust)
     print(f"wrote {args.target}: {written['tensors']} tensors, {written['file_mb']} MB "
           f"(step {written['metadata'].get('global_step', '-')})")
     return 0

@@ -20,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ldm.cli import one_line_warnings  # noqa: E402
-from ldm.errors import LesionDiffusionError  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from quality.evaluation import Evaluation  # noqa: E402
 from quality.gate import evaluate_outputs  # noqa: E402
 from quality.measure import LesionQuality  # noqa: E402
@@ -118,21 +117,13 @@ def summary_lines(evaluation: Evaluation, exp_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    with one_line_warnings():
-        return run(args)
+    return run_command(run, build_parser().parse_args(argv), "evaluate.py")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments; returns the exit status."""
-    try:
-        evaluation = run_evaluation(args.exp_dir, tolerances_from_args(args), args.which, args.rim_mm,
-                                    args.seg_version, not args.no_plot, not args.no_progress)
-    except LesionDiffusionError as error:
-        if args.debug:
-            raise
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return 1
+    evaluation = run_evaluation(args.exp_dir, tolerances_from_args(args), args.which, args.rim_mm,
+                                args.seg_version, not args.no_plot, not args.no_progress)
     for line in summary_lines(evaluation, Path(args.exp_dir)):
         print(line)
     for error in evaluation.errors:

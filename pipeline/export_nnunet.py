@@ -7,12 +7,17 @@ dataset, ready for ``nnUNetv2_plan_and_preprocess -d <id> --verify_dataset_integ
 
 Writes ``OUT_DIR/Dataset501_SynthLesions/{imagesTr,labelsTr,dataset.json}`` (see :mod:`quality.nnunet`); use
 ``"$nnUNet_raw"`` as OUT_DIR to train on it directly. One case per evaluated output (:mod:`quality.outputs`),
-named ``syn_<case>_<k>``: the inpainted CT and its mask (1 organ, 2 lesion, or lesion only). Real cases
-(``real_<folder>_<file>``) come from two aligned lists of CTs and 0/1/2 labels, remapped the same way.
+named ``syn_<case>_<k>``: the inpainted CT **on the grid of the CT the user gave** and its label, i.e. the pair
+``inpainting_<k>.nii.gz`` + ``inpainting_<k>_label.nii.gz`` LINet wrote (:mod:`inference.source_grid`), remapped
+to 1 organ, 2 lesion (or lesion only). An experiment folder without that pair (written before LINet recorded it)
+exports the standardised pair the gate measured: the output with its mask ``samples_<k>.nii.gz`` (or label-list
+row). Real cases (``real_<folder>_<file>``) come from two aligned lists of CTs and 0/1/2 labels, remapped the same
+way.
 
 ``--only-passed`` runs the quality gate (:mod:`quality.gate`, tolerances as for ``evaluate.py``; it also writes
 ``EXP_DIR/quality.csv``). A failed lesion is then, with ``--failed ignore`` (default), covered by the ignore
-label over its whole paste region (the lesion and its ``rim_mm`` blend rim; passed lesions keep their labels),
+label over its whole paste region (the lesion and its ``rim_mm`` blend rim, on the exported grid with its own
+spacing; passed lesions keep their labels),
 so nnU-Net neither learns it as lesion nor as background; its case is dropped instead when every lesion failed,
 when the output changed voxels outside the paste regions, or when it could not be evaluated. With
 ``--failed drop`` any failed lesion drops its case. Every written case is read back and checked (grids, label
@@ -37,13 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.data.lists import read_aligned_lists  # noqa: E402
 from ldm.data.volume import Geometry, read_geometry, read_label, write_volume  # noqa: E402
-from ldm.cli import one_line_warnings  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
+from inference.source_grid import nearest_on_source_grid  # noqa: E402
 from quality import nnunet  # noqa: E402
 from quality.gate import display_path, evaluate_outputs  # noqa: E402
 from quality.measure import GRID_ATOL_MM, LesionQuality, paste_region, ranked_components  # noqa: E402
-from quality.outputs import WHICH, OutputSpec, find_outputs, paste_rim  # noqa: E402
+from quality.outputs import STANDARDISED_SUFFIX, WHICH, OutputSpec, find_outputs, paste_rim  # noqa: E402
 from quality.tables import write_results  # noqa: E402
 from quality.tolerances import Tolerances, resolve_tolerances  # noqa: E402
 
@@ -91,22 +97,36 @@ def copy_image(source: Path, target: Path) -> Path:
     return target
 
 
-def gated_label(label: np.ndarray, mask: np.ndarray, lesions: list[LesionQuality], failed_mode: str, ignore: int,
-                rim_mm: float, spacing) -> tuple[np.ndarray | None, str, int]:
-    """Apply the verdicts of one output to its label: ``(label or None to drop, reason, lesions ignored)``."""
+def gate_outcome(lesions: list[LesionQuality], failed_mode: str) -> tuple[list[LesionQuality], str, bool]:
+    """The verdicts of one output as ``(failed lesions, reason, drop the case)``."""
     failed = [lesion for lesion in lesions if not lesion.passed]
-    if not failed:
-        return label, "", 0
     reason = "; ".join(f"lesion {lesion.lesion} failed {', '.join(lesion.failed_checks)}" for lesion in failed)
-    if failed_mode == "drop" or len(failed) == len(lesions) or any(
-            lesion.checks.get("unchanged_outside") is False for lesion in failed):
-        return None, reason, 0
+    drop = bool(failed) and (failed_mode == "drop" or len(failed) == len(lesions) or any(
+        lesion.checks.get("unchanged_outside") is False for lesion in failed))
+    return failed, reason, drop
+
+
+def failed_voxels(mask: np.ndarray, failed: list[LesionQuality]) -> np.ndarray:
+    """The voxels of the ``failed`` lesions (ranked components of value 2) of ``mask``, the grid they were graded on."""
     components, ranked = ranked_components(mask == 2)
-    failed_voxels = np.isin(components, [ranked[lesion.lesion] for lesion in failed])
-    kept = (mask == 2) & ~failed_voxels
+    return np.isin(components, [ranked[lesion.lesion] for lesion in failed])
+
+
+def ignore_failed(label: np.ndarray, lesions: np.ndarray, failed: np.ndarray, ignore: int, rim_mm: float,
+                  spacing) -> np.ndarray:
+    """``label`` with the paste region (``rim_mm``, ``spacing`` mm per axis) of the ``failed`` lesion voxels set to
+    ``ignore``, except voxels of the other ``lesions``."""
     label = label.copy()
-    label[paste_region(failed_voxels, rim_mm, spacing) & ~kept] = ignore
-    return label, reason, len(failed)
+    label[paste_region(failed, rim_mm, spacing) & ~(lesions & ~failed)] = ignore
+    return label
+
+
+def user_grid_pair(inpainted: Path) -> tuple[Path, Path] | None:
+    """``(inpainting_<k>.nii.gz, inpainting_<k>_label.nii.gz)`` beside the gate's file ``inpainted`` (itself, or
+    its ``_std`` sibling on the standardised grid), or None when LINet did not write that pair."""
+    stem = inpainted.name[: -len(nnunet.FILE_ENDING)].removesuffix(STANDARDISED_SUFFIX)
+    image, label = (inpainted.with_name(f"{stem}{suffix}{nnunet.FILE_ENDING}") for suffix in ("", "_label"))
+    return (image, label) if image.is_file() and label.is_file() else None
 
 
 class DatasetWriter:
@@ -128,23 +148,30 @@ class DatasetWriter:
 def _synthetic_case(writer: DatasetWriter, spec: OutputSpec, exp_dir: Path,
                     verdicts: dict[str, list[LesionQuality] | None] | None, failed_mode: str,
                     rim_mm: float, result: ExportResult) -> None:
-    """Export one inpainted CT; with ``verdicts`` (output name -> graded lesions) only what the gate keeps."""
+    """Export one inpainted CT (the user-grid pair when there is one, see the module docstring); with
+    ``verdicts`` (output name -> graded lesions) only what the gate keeps."""
     output_verdicts = None if verdicts is None else verdicts.get(display_path(spec.inpainted, exp_dir))
     if verdicts is not None and output_verdicts is None:
         result.dropped.append((str(spec.inpainted), "could not be evaluated (see quality_summary.json)"))
         return
-    mask, mask_geometry = read_label(spec.mask)
-    geometry = _same_grid(spec.inpainted, spec.mask, mask_geometry)
-    label = nnunet.remap_label(mask, writer.scheme, spec.mask)
-    ignored = 0
-    if output_verdicts is not None:
-        label, reason, ignored = gated_label(label, mask, output_verdicts, failed_mode,
-                                             nnunet.ignore_value(writer.scheme), rim_mm, mask_geometry.spacing_zyx)
-        if label is None:
-            result.dropped.append((str(spec.inpainted), reason))
-            return
+    failed, reason, drop = gate_outcome(output_verdicts or [], failed_mode)
+    if drop:
+        result.dropped.append((str(spec.inpainted), reason))
+        return
+    graded, graded_geometry = read_label(spec.mask)
+    pair = user_grid_pair(spec.inpainted)
+    image, label_path = pair or (spec.inpainted, spec.mask)
+    mask, mask_geometry = (graded, graded_geometry) if pair is None else read_label(label_path)
+    geometry = _same_grid(image, label_path, mask_geometry)
+    label = nnunet.remap_label(mask, writer.scheme, label_path)
+    if failed:
+        failed_std = failed_voxels(graded, failed)
+        failed_here = failed_std if pair is None else geometry.to_memory(nearest_on_source_grid(
+            failed_std.astype(np.uint8), graded_geometry, geometry.affine, geometry.shape)) > 0
+        label = ignore_failed(label, mask == 2, failed_here & (mask == 2), nnunet.ignore_value(writer.scheme),
+                              rim_mm, geometry.spacing_zyx)
     number = spec.number if spec.number is not None else 0
-    writer.write(f"syn_{spec.case_id}_{number}", "synthetic", spec.inpainted, label, geometry, ignored)
+    writer.write(f"syn_{spec.case_id}_{number}", "synthetic", image, label, geometry, len(failed))
 
 
 def _real_case(writer: DatasetWriter, image: Path, label_path: Path) -> None:
@@ -266,23 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1 when a case could not be exported)."""
-    args = build_parser().parse_args(argv)
-    with one_line_warnings():
-        return run(args)
+    return run_command(run, build_parser().parse_args(argv), "export_nnunet.py")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments; returns the exit status."""
-    try:
-        tolerances = resolve_tolerances(args.exp_dir, args.tolerances) if args.only_passed else None
-        result = export_nnunet(args.exp_dir, args.out_dir, args.dataset_id, args.name, args.labels, args.only_passed,
-                               args.failed, tuple(args.include_real) if args.include_real else None, tolerances,
-                               args.which, args.overwrite, not args.no_progress)
-    except LesionDiffusionError as error:
-        if args.debug:
-            raise
-        print(f"export_nnunet.py: error: {error}", file=sys.stderr)
-        return 1
+    tolerances = resolve_tolerances(args.exp_dir, args.tolerances) if args.only_passed else None
+    result = export_nnunet(args.exp_dir, args.out_dir, args.dataset_id, args.name, args.labels, args.only_passed,
+                           args.failed, tuple(args.include_real) if args.include_real else None, tolerances,
+                           args.which, args.overwrite, not args.no_progress)
     kinds = {kind: sum(case.kind == kind for case in result.cases) for kind in ("synthetic", "real")}
     ignored = sum(case.ignored_lesions for case in result.cases)
     print(f"{result.dataset_dir}: {len(result.cases)} case(s) ({kinds['synthetic']} synthetic, {kinds['real']} real), "

@@ -42,7 +42,7 @@ from ldm.cli import parse_gpus, split_overrides  # noqa: E402
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
 from ldm.models.checkpoint import checkpoint_trust, lightning_allow_list  # noqa: E402
 from ldm.runs import (  # noqa: E402
-    DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run,
+    DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run, run_seed,
 )
 from ldm.util import instantiate_from_config, load_config, seed_everything  # noqa: E402
 
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-r", "--resume", default="",
                         help="continue a run (its folder or one of its checkpoints) with its own configs and limits; "
                              "flags and overrides given now win")
-    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for everything (default 23)")
+    parser.add_argument("-s", "--seed", type=int, default=23,
+                        help="seed for everything (default 23); a resumed run seeds from it and its checkpoint's step")
     parser.add_argument("-l", "--logdir", default="logs", help="folder holding the runs (default ./logs)")
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                         help="lr = accumulate x devices x nodes x batch size x base_learning_rate (default true)")
@@ -301,7 +302,9 @@ def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
     record_plan(config, opt)
     lightning = config.setdefault("lightning", OmegaConf.create())
     trainer_config = OmegaConf.to_container(lightning.get("trainer") or OmegaConf.create(), resolve=True)
-    seed_everything(opt.seed)
+    seed = seed_everything(run_seed(opt.seed, paths.resume_checkpoint, bool(config.get("trust_checkpoint", False))))
+    if paths.resume_checkpoint is not None:
+        rank_zero_info(f"Resumed run: seed {seed}, from --seed {opt.seed} and the checkpoint's global step")
     if paths.resume_checkpoint is None:
         check_first_stage(config.model)
     model_config = weights_from_resume(config.model) if paths.resume_checkpoint else config.model

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ldm.cli import one_line_warnings  # noqa: E402
-from ldm.errors import ConfigError, LesionDiffusionError  # noqa: E402
+from ldm.cli import run_command  # noqa: E402
+from ldm.errors import ConfigError  # noqa: E402
 from ldm.util import resolve_path  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from preparation.case import PrepareOptions
     from preparation.run import prepare_dataset
     from preparation.source import read_dataset
-    from preprocessing.segment import check_weights, disable_telemetry, resolve_device
+    from preprocessing.segment import ready_to_segment
     from preprocessing.standardise import as_spacing_xyz
 
     _check_numbers(args)
@@ -128,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
         seg_device=args.seg_device, overwrite=args.overwrite, debug=args.debug)
     reporter = make_reporter(args)
     if seg_dir is None:
-        resolve_device(options.seg_device)
-        check_weights(options.seg_task, options.seg_fast)
-        disable_telemetry()
+        ready_to_segment(options.seg_device, options.seg_task, options.seg_fast)
     results = prepare_dataset(dataset, out_dir, options, reporter, args.val_fraction, args.seed, args.workers,
                               args.seg_workers, not args.no_progress)
     _print_summary(results, out_dir, args.debug)
@@ -139,15 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (errors are printed as one line each)."""
-    args = build_parser().parse_args(argv)
-    with one_line_warnings():
-        try:
-            return run(args)
-        except LesionDiffusionError as error:
-            if args.debug:
-                raise
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ldm.cli import one_line_warnings
-from ldm.errors import ConfigError, LesionDiffusionError
+from ldm.cli import run_command
+from ldm.errors import ConfigError
 from ldm.util import resolve_path
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the command for parsed arguments; returns the exit code."""
     from preprocessing.cases import preprocess
     from preprocessing.inputs import read_cases
-    from preprocessing.segment import check_weights, disable_telemetry, resolve_device
+    from preprocessing.segment import ready_to_segment
     from inference.distributed import detect_launch
 
     options = _options(args)
@@ -141,9 +141,7 @@ def run(args: argparse.Namespace) -> int:
     cases = read_cases(resolve_path(args.filelist, cwd), resolve_path(args.attributes, cwd), seg_list)
     reporter = make_reporter(args)
     if seg_list is None:
-        resolve_device(options.seg_device)
-        check_weights(options.seg_task, options.seg_fast)
-        disable_telemetry()
+        ready_to_segment(options.seg_device, options.seg_task, options.seg_fast)
     launch = detect_launch()
     options = replace(options, seg_device=process_seg_device(options.seg_device, launch))
     results = preprocess(cases, exp_dir, options, reporter, args.workers, args.seg_workers,
@@ -155,15 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code (our warnings and errors are printed as one line each)."""
-    args = build_parser().parse_args(argv)
-    with one_line_warnings():
-        try:
-            return run(args)
-        except LesionDiffusionError as error:
-            if args.debug:
-                raise
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

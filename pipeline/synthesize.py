@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ldm.cli import find_config, one_line_warnings, parse_gpus
-from ldm.errors import ConfigError, LesionDiffusionError
+from ldm.cli import find_config, parse_gpus, run_command
+from ldm.errors import ConfigError
 from ldm.fileio import write_json_atomic, write_text_atomic
 from ldm.util import load_config, resolve_path
 from inference.required_files import check_required_files
@@ -277,25 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns 0 when every CT got its lesions, 1 otherwise."""
-    args = build_parser().parse_args(argv)
-    with one_line_warnings():
-        try:
-            attributes = json.loads(args.attributes)
-            if not isinstance(attributes, dict):
-                raise ConfigError(f"--attributes {args.attributes!r}: expected a JSON object")
-            rows = synthesize(args.ct, args.organ, args.lesion, args.out, attributes, args.seg, args.seg_version,
-                              args.lmnet_config, args.linet_config, args.seed, args.reporter, args.spacing,
-                              args.boxes_per_case, args.steps, parse_gpus(args.gpus),
-                              args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
-                              args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress)
-        except json.JSONDecodeError as error:
-            print(f"synthesize.py: error: --attributes is not valid JSON ({error})", file=sys.stderr)
-            return 1
-        except LesionDiffusionError as error:
-            if args.debug:
-                raise
-            print(f"synthesize.py: error: {error}", file=sys.stderr)
-            return 1
+    return run_command(run, build_parser().parse_args(argv), "synthesize.py")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Synthesise for parsed arguments and print the table; returns the exit status."""
+    try:
+        attributes = json.loads(args.attributes)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--attributes is not valid JSON ({error})") from None
+    if not isinstance(attributes, dict):
+        raise ConfigError(f"--attributes {args.attributes!r}: expected a JSON object")
+    rows = synthesize(args.ct, args.organ, args.lesion, args.out, attributes, args.seg, args.seg_version,
+                      args.lmnet_config, args.linet_config, args.seed, args.reporter, args.spacing,
+                      args.boxes_per_case, args.steps, parse_gpus(args.gpus),
+                      args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
+                      args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress)
     print("\n".join(table(rows)))
     return 0 if all(row.ok for row in rows) else 1
 

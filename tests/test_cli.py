@@ -1,10 +1,11 @@
-"""Shared command-line pieces: config lookup, overrides anywhere, --gpus ids, one-line warnings."""
+"""Shared command-line pieces: config lookup, overrides anywhere, --gpus ids, one-line warnings and errors."""
+import argparse
 import warnings
 
 import pytest
 
-from ldm.cli import find_config, one_line_warnings, parse_gpus, split_overrides
-from ldm.errors import ConfigError
+from ldm.cli import find_config, one_line_warnings, parse_gpus, run_command, split_overrides
+from ldm.errors import ConfigError, DataError
 from ldm.util import PIPELINE_DIR
 
 
@@ -29,3 +30,20 @@ def test_our_warnings_print_one_line(capsys):
     with one_line_warnings():
         warnings.warn_explicit("box too small", UserWarning, str(PIPELINE_DIR / "preprocess.py"), 1)
     assert capsys.readouterr().err == "warning: box too small\n"
+
+
+def test_run_command_gives_the_status_and_one_error_line(capsys):
+    def run(args: argparse.Namespace) -> int:
+        if args.fail:
+            raise DataError("case.nii.gz: file not found")
+        warnings.warn_explicit("check this", UserWarning, str(PIPELINE_DIR / "evaluate.py"), 1)
+        return 3
+
+    assert run_command(run, argparse.Namespace(fail=False, debug=False), "tool.py") == 3
+    assert capsys.readouterr().err.strip() == "warning: check this"
+    assert run_command(run, argparse.Namespace(fail=True, debug=False), "tool.py") == 1
+    assert capsys.readouterr().err == "tool.py: error: case.nii.gz: file not found\n"
+    assert run_command(run, argparse.Namespace(fail=True, debug=False)) == 1
+    assert capsys.readouterr().err == "error: case.nii.gz: file not found\n"
+    with pytest.raises(DataError, match="file not found"):
+        run_command(run, argparse.Namespace(fail=True, debug=True), "tool.py")

@@ -12,7 +12,8 @@ from scipy import ndimage
 from export_nnunet import export_nnunet, main
 from ldm.data.volume import read_geometry, read_label, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
-from test_evaluate_fixtures import phantom_experiment, rewrite_volume
+from inference.source_grid import write_on_source_grid
+from test_evaluate_fixtures import PASTE_OPTIONS, phantom_experiment, rewrite_volume
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -106,6 +107,62 @@ def test_only_passed_marks_failed_lesions_ignore_and_drops_what_cannot_be_kept(t
     assert declared["numTraining"] == 5 and declared["lesiondiffusion"]["ignored_lesions"] == 1
     verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
     verify.verify_dataset_integrity(str(result.dataset_dir), 1)  # raises on any problem
+
+
+def _to_user_grid(exp_dir, case: str) -> nib.Nifti1Image:
+    """Make ``case`` look as LINet leaves a case whose recorded source CT lies on another grid: the user's CT has
+    every voxel split in two along its first file axis (1 mm instead of 2 mm), the standardised output becomes
+    ``inpainting_0_std.nii.gz`` and the user-grid pair is written from it. Returns the user's CT."""
+    folder = exp_dir / case
+    healthy = nib.load(str(folder / "ct.nii.gz"))
+    affine = healthy.affine.copy()
+    affine[:3, 0] /= 2
+    affine[:3, 3] -= affine[:3, 0] / 2
+    user = nib.Nifti1Image(np.repeat(np.asanyarray(healthy.dataobj), 2, axis=0).astype(np.int16), affine)
+    nib.save(user, str(exp_dir.parent / f"user_{case}.nii.gz"))
+    (folder / "inpainting_0.nii.gz").rename(folder / "inpainting_0_std.nii.gz")
+    inpainted, std_geometry = read_volume(folder / "inpainting_0_std.nii.gz")
+    write_on_source_grid(exp_dir.parent / f"user_{case}.nii.gz", std_geometry, inpainted,
+                         read_label(folder / "samples_0.nii.gz")[0], PASTE_OPTIONS["rim_mm"],
+                         folder / "inpainting_0.nii.gz", folder / "inpainting_0_label.nii.gz")
+    report = json.loads((exp_dir / "linet_report.json").read_text())
+    for entry in report["cases"]:
+        if entry["case_id"] == case:
+            entry["outputs"] = {name: str(folder / f"inpainting_0{suffix}.nii.gz")
+                                for name, suffix in (("image", ""), ("label", "_label"), ("standardised", "_std"))}
+    (exp_dir / "linet_report.json").write_text(json.dumps(report))
+    return user
+
+
+def test_the_user_grid_pair_is_exported_and_gated_on_its_own_grid(tmp_path):
+    exp_dir, _, second = _gate_experiment(tmp_path)
+    std_geometry = read_geometry(exp_dir / "case_001/samples_0.nii.gz")
+    user = _to_user_grid(exp_dir, "case_001")
+    result = export_nnunet(exp_dir, tmp_path / "raw", 505, "UserGrid", only_passed=True, progress=False)
+    assert sorted(case.identifier for case in result.cases) == ["syn_case_001_0", "syn_case_003_0"]
+    image = result.dataset_dir / "imagesTr" / "syn_case_001_0_0000.nii.gz"
+    assert image.read_bytes() == (exp_dir / "case_001/inpainting_0.nii.gz").read_bytes()
+    written, geometry = read_label(result.dataset_dir / "labelsTr" / "syn_case_001_0.nii.gz")
+    assert geometry.shape == user.shape and np.allclose(geometry.affine, user.affine)
+    user_label, _ = read_label(exp_dir / "case_001/inpainting_0_label.nii.gz")
+    second_user = geometry.to_memory(np.repeat(std_geometry.to_file(second), 2, axis=0))
+    distance = ndimage.distance_transform_edt(~second_user, sampling=geometry.spacing_zyx)
+    near, far = distance < PASTE_OPTIONS["rim_mm"], distance >= PASTE_OPTIONS["rim_mm"]
+    assert second_user.any() and np.all(written[near] == 3)  # the rim measured in mm on the 1 mm x 2 mm x 2 mm grid
+    assert np.array_equal(written[far], user_label[far]) and np.any(written == 2)
+    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    verify.verify_dataset_integrity(str(result.dataset_dir), 1)
+
+
+def test_without_the_user_grid_pair_the_standardised_pair_is_exported(tmp_path):
+    exp_dir, _ = phantom_experiment(tmp_path, n=1)
+    _to_user_grid(exp_dir, "case_000")
+    (exp_dir / "case_000/inpainting_0_label.nii.gz").unlink()  # an experiment folder from before the pair
+    result = export_nnunet(exp_dir, tmp_path / "raw", 506, "Older", progress=False)
+    image = result.dataset_dir / "imagesTr" / "syn_case_000_0_0000.nii.gz"
+    assert image.read_bytes() == (exp_dir / "case_000/inpainting_0_std.nii.gz").read_bytes()
+    written, _ = read_label(result.dataset_dir / "labelsTr" / "syn_case_000_0.nii.gz")
+    assert np.array_equal(written, read_label(exp_dir / "case_000/samples_0.nii.gz")[0])
 
 
 def test_only_passed_with_failed_drop_drops_every_case_with_a_failed_lesion(tmp_path):

@@ -17,8 +17,8 @@ from test_inference_fixtures import inference_config, phantom_dataset, phantom_e
 from ldm.data.volume import read_volume
 from inference.cases import read_cases
 from ldm.errors import ConfigError
-from inference.devices import Placement, launch_placement
-from inference.distributed import Launch, detect_launch, process_group, shard
+from inference.devices import Placement, cpu_threads_per_process, launch_placement
+from inference.distributed import Launch, detect_launch, process_group, shard, slurm_tasks_on_node
 from inference.journal import CaseJournal, run_fingerprint
 from inference.options import parse_options
 from inference.runner import load_model, run_inference, run_stage
@@ -38,6 +38,26 @@ def test_launch_from_torchrun_and_slurm_variables():
     step = detect_launch({"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2"})
     assert (step.world, step.is_main, step.distributed) == (2, False, True)
     assert shard(list("abcde"), Launch(1, 2)) == ["b", "d"]
+
+
+def test_cpu_threads_are_shared_by_the_processes_of_one_node_not_the_whole_world():
+    # torchrun on 4 nodes x 2 processes of 32 cores: each process gets 16 threads, not 32 // 8 = 4.
+    torchrun = detect_launch({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (torchrun.local_world, torchrun.processes_on_node) == (2, 2)
+    placement = launch_placement(5, 8, 1, 0, "same", local_world=torchrun.local_world)
+    assert cpu_threads_per_process(32, placement.processes_on_node) == 16
+    # srun with 3 tasks on node 0 and 3 on node 1, 2 on node 2 (SLURM's compressed list).
+    slurm = detect_launch({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_NODEID": "2",
+                           "SLURM_STEP_TASKS_PER_NODE": "3(x2),2"})
+    assert slurm.processes_on_node == 2
+    assert [slurm_tasks_on_node("4(x2),3", node) for node in range(3)] == [4, 4, 3]
+    with pytest.raises(ConfigError, match="tasks per node"):
+        slurm_tasks_on_node("4x2", 0)
+    # Unknown layout (no per-node count) or --gpus processes on one machine: the whole world shares the cores.
+    assert Launch(1, 4).processes_on_node == 4
+    assert Placement(1, 3, "cpu", "cpu").processes_on_node == 3
+    assert [cpu_threads_per_process(16, n) for n in (1, 3, 16, 40)] == [16, 5, 1, 1]
+    assert cpu_threads_per_process(None, 2) == 1
 
 
 def test_each_launched_process_samples_on_the_gpu_of_its_local_rank():

@@ -18,9 +18,10 @@ import main
 from demo.make_phantoms import make_phantoms
 from ldm.callbacks.checkpointing import remove_partial_writes
 from ldm.cli import split_overrides
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, DataError
 from ldm.fileio import atomic_path
-from ldm.runs import resolve_run
+from ldm.runs import resolve_run, resumed_seed, run_seed
+from ldm.util import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "pipeline" / "main.py"
@@ -286,3 +287,25 @@ def test_the_readme_sbatch_script_starts_then_resumes(tmp_path):
     first, requeued = calls.read_text().splitlines()
     assert first.startswith("python main.py --base configs/diffusion/maskdiffusion.yaml -t --name lmnet")
     assert requeued == "python main.py --resume logs/lmnet"
+
+
+def test_a_resumed_run_draws_fresh_but_reproducible_randomness(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for step in (4, 6):
+        torch.save({"global_step": step, "state_dict": {"w": torch.zeros(2)}}, checkpoints / f"step{step}.ckpt")
+    assert run_seed(23, None) == 23
+    at_4 = run_seed(23, checkpoints / "step4.ckpt")
+    assert at_4 == resumed_seed(23, 4) == run_seed(23, checkpoints / "step4.ckpt")
+    assert len({23, at_4, run_seed(23, checkpoints / "step6.ckpt"), resumed_seed(24, 4)}) == 4
+    assert all(0 <= resumed_seed(seed, step) < 2**32 for seed in (-1, 0, 2**40) for step in (0, 10**9))
+
+    def draws(seed: int) -> tuple[int, list[float]]:
+        seed_everything(seed)
+        return torch.initial_seed(), torch.rand(4).tolist()
+
+    assert draws(at_4) == draws(at_4)
+    assert draws(at_4)[0] != draws(23)[0] and draws(at_4)[1] != draws(23)[1]
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, checkpoints / "bare.ckpt")
+    with pytest.raises(DataError, match="bare.ckpt: the checkpoint records no global_step"):
+        run_seed(23, checkpoints / "bare.ckpt")

@@ -31,6 +31,18 @@ class Placement:
     world: int
     device: str
     vq_device: str
+    # Processes on this machine (they share its CPU cores); None: all ``world`` (spawned by --gpus on one machine).
+    local_world: int | None = None
+
+    @property
+    def processes_on_node(self) -> int:
+        return self.local_world or self.world
+
+
+def cpu_threads_per_process(cpu_count: int | None, processes_on_node: int) -> int:
+    """Torch CPU threads for each of ``processes_on_node`` processes sharing a machine of ``cpu_count`` cores
+    (at least 1; an unknown ``cpu_count`` counts as 1)."""
+    return max(1, (cpu_count or 1) // max(1, processes_on_node))
 
 
 def default_device(requested: str, visible_gpus: int) -> str:
@@ -92,11 +104,12 @@ def plan_placements(gpus: Sequence[int], visible_gpus: int, vq_device: str, devi
 
 
 def launch_placement(rank: int, world: int, local_rank: int, visible_gpus: int, vq_device: str,
-                     device: str = "auto") -> Placement:
+                     device: str = "auto", local_world: int | None = None) -> Placement:
     """The placement of process ``rank`` of ``world`` started by torchrun or srun (:mod:`inference.distributed`).
 
     ``auto`` samples on ``cuda:<local_rank>``, or on ``cuda:0`` when the launcher gives each process one GPU of its
-    own (one visible), else on the CPU; the VQ stays on that device or goes to the CPU."""
+    own (one visible), else on the CPU; the VQ stays on that device or goes to the CPU. ``local_world``: processes
+    on this node (``None``: unknown, all ``world`` assumed)."""
     if device == "auto" and visible_gpus > 0:
         if visible_gpus > 1 and local_rank >= visible_gpus:
             raise ConfigError(f"local rank {local_rank}: only {visible_gpus} GPU(s) visible on this node; start at "
@@ -108,7 +121,7 @@ def launch_placement(rank: int, world: int, local_rank: int, visible_gpus: int, 
     if vq_device not in ("same", "cpu"):
         raise ConfigError(f"inference.vq_device {vq_device!r}: under torchrun or srun use same or cpu (neighbour "
                           "pairs GPUs of one --gpus process group)")
-    return Placement(rank, world, sampling, sampling if vq_device == "same" else "cpu")
+    return Placement(rank, world, sampling, sampling if vq_device == "same" else "cpu", local_world)
 
 
 def autocast_dtype(device: str | torch.device, precision: str) -> torch.dtype | None:

@@ -2,9 +2,10 @@
 processes exchange.
 
 A process learns its place from the launcher's environment: ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``); ``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS`` (or
-``SLURM_STEP_NUM_TASKS``) and ``SLURM_LOCALID``, and the job script exports ``MASTER_ADDR`` (the first node) and
-optionally ``MASTER_PORT`` (default 29500). Without either, the run is a single process.
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``); ``srun`` sets ``SLURM_PROCID``,
+``SLURM_NTASKS`` (or ``SLURM_STEP_NUM_TASKS``), ``SLURM_LOCALID``, ``SLURM_NODEID`` and ``SLURM_STEP_TASKS_PER_NODE``
+(such as ``4(x2),3``), and the job script exports ``MASTER_ADDR`` (the first node) and optionally ``MASTER_PORT``
+(default 29500). Without either, the run is a single process.
 
 Process ``rank`` of ``world`` takes the items ``rank, rank + world, ...`` of a list; the processes meet in a gloo
 process group (it works on CPUs and GPUs alike and only carries small Python objects): rank 0 broadcasts what
@@ -13,6 +14,7 @@ all must agree on and gathers the others' results. Seeds never depend on the ran
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,12 +32,19 @@ Item = TypeVar("Item")
 
 @dataclass(frozen=True)
 class Launch:
-    """This process's place: global ``rank`` of ``world`` processes, ``local_rank`` on its node (its GPU)."""
+    """This process's place: global ``rank`` of ``world`` processes, ``local_rank`` on its node (its GPU), and
+    ``local_world`` processes on its node (``None``: the launcher did not say; then the whole world is assumed to
+    share the node, which never oversubscribes its cores)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     launcher: str = "none"
+    local_world: int | None = None
+
+    @property
+    def processes_on_node(self) -> int:
+        return self.local_world or self.world
 
     @property
     def is_main(self) -> bool:
@@ -55,16 +64,38 @@ def _integer(environ: Mapping[str, str], name: str, default: int | None = None) 
     return int(value)
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node: int) -> int:
+    """Tasks on node ``node`` from SLURM's compressed ``*_TASKS_PER_NODE`` list: ``4(x2),3`` is 4, 4, 3."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise ConfigError(f"SLURM tasks per node {tasks_per_node!r}: expected a list such as 4(x2),3")
+        counts += [int(match[1])] * int(match[2] or 1)
+    if not 0 <= node < len(counts):
+        raise ConfigError(f"SLURM node {node} is not within the tasks-per-node list {tasks_per_node!r}")
+    return counts[node]
+
+
+def _slurm_local_world(environ: Mapping[str, str]) -> int | None:
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if name in environ:
+            return slurm_tasks_on_node(environ[name], _integer(environ, "SLURM_NODEID", 0))
+    return None
+
+
 def detect_launch(environ: Mapping[str, str] | None = None) -> Launch:
     """This process's :class:`Launch` from the environment (module docstring); a single process by default."""
     environ = os.environ if environ is None else environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         launch = Launch(_integer(environ, "RANK"), _integer(environ, "WORLD_SIZE"),
-                        _integer(environ, "LOCAL_RANK", 0), "torchrun")
+                        _integer(environ, "LOCAL_RANK", 0), "torchrun",
+                        _integer(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else None)
     elif "SLURM_PROCID" in environ and ("SLURM_STEP_NUM_TASKS" in environ or "SLURM_NTASKS" in environ):
         world_name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
         launch = Launch(_integer(environ, "SLURM_PROCID"), _integer(environ, world_name),
-                        _integer(environ, "SLURM_LOCALID", 0), "slurm")
+                        _integer(environ, "SLURM_LOCALID", 0), "slurm",
+                        _slurm_local_world(environ))
     else:
         return Launch()
     if not 0 <= launch.rank < launch.world:

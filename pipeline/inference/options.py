@@ -53,6 +53,11 @@ class InferenceOptions:
     precision: str = "fp32"
     device: str = "auto"
     vq_device: str = "same"
+    # LINet's VQ runs in tiles when the latent exceeds ``vq_tile`` voxels on an axis (``vq_tiling: auto``). A VQ that
+    # streams (``ldm.models.streaming.supports_streaming``: no attention layers, as the release and demo VQs) runs
+    # every layer over tiles of ``vq_tile`` latent voxels (``vq_tile`` x factor image voxels when encoding) without
+    # overlap, exactly; ``vq_tile_overlap`` is then unused. Only a VQ that cannot stream (``attn_resolutions`` not
+    # empty, conv shortcuts, resampling without conv) uses overlapping tiles with that overlap (latent voxels).
     vq_tiling: str = "auto"
     vq_tile: int = 96
     vq_tile_overlap: int = 48

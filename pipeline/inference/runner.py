@@ -25,7 +25,8 @@ from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.util import get_obj_from_str, instantiate_from_config
 from inference.cases import CaseSpec, read_cases, write_list
-from inference.devices import Placement, launch_placement, plan_placements, visible_gpu_count
+from inference.devices import (Placement, cpu_threads_per_process, launch_placement, plan_placements,
+                               visible_gpu_count)
 from inference.distributed import broadcast_from_main, detect_launch, gather_to_main, process_group
 from inference.journal import CaseJournal, run_fingerprint
 from inference.lmnet import label_list_entries, sample_masks
@@ -113,8 +114,8 @@ def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Seque
     """Load the model on ``placement`` and run the cases ``rank::world`` of ``cases``."""
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
-    elif placement.world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // placement.world))
+    elif placement.processes_on_node > 1:
+        torch.set_num_threads(cpu_threads_per_process(os.cpu_count(), placement.processes_on_node))
     model = load_model(config, placement.device, placement.vq_device)
     shard = list(cases)[placement.rank::placement.world]
     # Step bars of several processes would overwrite each other's lines: only a single process shows them.
@@ -205,7 +206,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
         pending = [case for case in ready if case.index not in finished]
         if launch.distributed:
             placement = launch_placement(launch.rank, launch.world, launch.local_rank, visible_gpu_count(),
-                                         options.vq_device, options.device)
+                                         options.vq_device, options.device, launch.local_world)
             own = run_shard(config, stage, placement, pending, options, debug, journal)
             results = gather_to_main(launch, own)
             if not launch.is_main:

@@ -1,14 +1,15 @@
-"""Pieces every command line shares: ``key.sub=value`` overrides, ``--gpus`` ids, one-line warnings."""
+"""Pieces every command line shares: ``key.sub=value`` overrides, ``--gpus`` ids, one-line warnings and errors."""
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, LesionDiffusionError
 from ldm.util import PIPELINE_DIR
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
@@ -61,3 +62,16 @@ def one_line_warnings() -> Iterator[None]:
 
         warnings.showwarning = show
         yield
+
+
+def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str = "") -> int:
+    """``run(args)``'s exit status, with :func:`one_line_warnings`; a LesionDiffusionError prints as one line
+    ``[prog: ]error: ...`` and gives status 1 (it is raised instead when ``args.debug`` is set)."""
+    with one_line_warnings():
+        try:
+            return run(args)
+        except LesionDiffusionError as error:
+            if getattr(args, "debug", False):
+                raise
+            print(f"{prog + ': ' if prog else ''}error: {error}", file=sys.stderr)
+            return 1

@@ -6,6 +6,9 @@ given (``--max_steps``, ``--max_epochs``, ``--precision``, ...) under ``lightnin
 cadence under ``lightning.modelcheckpoint.params.every_n_train_steps``. ``--resume`` merges them in the order
 they were written, then the flags and overrides given now (which win and are saved again).
 
+A resumed run seeds everything from ``(--seed, global step of its checkpoint)`` (:func:`run_seed`): it continues
+with random crops the run has not drawn yet, and resuming the same checkpoint twice draws the same ones.
+
 The hardware layout (``--gpus``, ``--devices``, ``--num_nodes``) is not part of the plan: a requeued or resumed
 job may run on other machines, and under torchrun or SLURM the layout comes from the launcher.
 """
@@ -16,10 +19,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import find_config
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, DataError
+from ldm.models.checkpoint import read_checkpoint
 
 PLAN_FLAGS = ("max_steps", "max_epochs", "precision", "strategy", "accelerator")
 CADENCE_KEY = "lightning.modelcheckpoint.params.every_n_train_steps"
@@ -118,3 +123,25 @@ def record_plan(config: DictConfig, opt: argparse.Namespace) -> None:
             OmegaConf.update(config, f"lightning.trainer.{flag}", value, force_add=True)
     if getattr(opt, "every_n_train_steps", None) is not None:
         OmegaConf.update(config, CADENCE_KEY, opt.every_n_train_steps, force_add=True)
+
+
+def resumed_seed(seed: int, global_step: int) -> int:
+    """The seed of a run resumed at ``global_step`` (optimiser steps done) of a run started with ``seed``: a
+    32-bit hash of both, so every resume point draws a fresh stream that is still a function of the two."""
+    state = np.random.SeedSequence([int(seed) % 2**64, int(global_step)]).generate_state(1, dtype=np.uint32)
+    return int(state[0])
+
+
+def checkpoint_global_step(path: Path, trust: bool | None = None) -> int:
+    """The ``global_step`` a Lightning checkpoint was saved at (its tensors are memory-mapped, not read)."""
+    step = read_checkpoint(path, trust).get("global_step")
+    if not isinstance(step, int) or step < 0:
+        raise DataError(f"{path}: the checkpoint records no global_step; resume needs a checkpoint saved by main.py")
+    return step
+
+
+def run_seed(seed: int, resume_checkpoint: Path | None, trust: bool | None = None) -> int:
+    """The seed of this run: ``seed`` for a new run, :func:`resumed_seed` of the checkpoint's step when resuming."""
+    if resume_checkpoint is None:
+        return int(seed)
+    return resumed_seed(seed, checkpoint_global_step(resume_checkpoint, trust))

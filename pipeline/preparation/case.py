@@ -20,12 +20,7 @@ Outputs go to ``OUT/cases/<case>/``:
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import time
-import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +28,10 @@ import numpy as np
 
 from ldm.data.organs import organ_id as organ_id_of
 from ldm.data.volume import Geometry, read_geometry
-from ldm.errors import DataError, LesionDiffusionError
+from ldm.errors import DataError
 from ldm.fileio import write_json_atomic
-from preprocessing.case import file_sha256
+from preprocessing.case_run import CaseResult as BaseCaseResult
+from preprocessing.case_run import content_hash, errors_into, file_sha256, finished_record, fingerprint_fields
 from preprocessing.segment import import_segmentation, run_totalsegmentator
 from preprocessing.standardise import labels_on_grid, load_nifti, standardise_ct, write_file_grid
 from preparation.measure import lesion_components, measure_lesion
@@ -71,56 +67,24 @@ class PrepareOptions:
         """TotalSegmentator v1 id of ``organ``."""
         return organ_id_of(self.organ)
 
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The options that change a case's outputs."""
-        fields = asdict(self)
-        for key in ("overwrite", "debug", "seg_device"):
-            fields.pop(key)
-        return fields
-
 
 @dataclass
-class CaseResult:
-    """What happened to one case; ``status`` is ``done``, ``skipped`` or ``failed``; ``seconds`` per step."""
+class CaseResult(BaseCaseResult):
+    """:class:`preprocessing.case_run.CaseResult` with the case's split and what was measured: the largest
+    lesion, every lesion's size, undecided phrases and the report's attributes."""
 
-    index: int
-    case_id: str
-    inputs: dict[str, str | None]
     split: str = ""
-    status: str = "failed"
-    outputs: dict[str, str] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
     lesion: dict[str, Any] = field(default_factory=dict)
     lesions: list[dict[str, Any]] = field(default_factory=list)
     undecided: list[str] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    traceback: str | None = None
-
-
-@contextlib.contextmanager
-def _step(result: CaseResult, name: str):
-    start = time.perf_counter()
-    yield
-    result.seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def fingerprint(case: SourceCase, options: PrepareOptions, reporter_settings: dict[str, Any]) -> str:
     """Hash of everything the case's outputs depend on: input bytes, options and reporter."""
-    content = {"image": file_sha256(case.image), "label": file_sha256(case.label),
-               "seg": file_sha256(case.seg) if case.seg else None, "options": options.fingerprint_fields(),
-               "reporter": reporter_settings}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _finished(case_dir: Path, expected: str) -> bool:
-    record = case_dir / RECORD_FILE
-    if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
-        return False
-    try:
-        return json.loads(record.read_text()).get("fingerprint") == expected
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return False
+    return content_hash({"image": file_sha256(case.image), "label": file_sha256(case.label),
+                         "seg": file_sha256(case.seg) if case.seg else None, "options": fingerprint_fields(options),
+                         "reporter": reporter_settings})
 
 
 def file_order(path: Path) -> np.ndarray:
@@ -217,9 +181,9 @@ def _describe(case: SourceCase, options: PrepareOptions, reporter: Any, outputs:
 
 def _run_steps(case: SourceCase, options: PrepareOptions, reporter: Any, segmentation_slots: Any,
                outputs: dict[str, Path], result: CaseResult) -> None:
-    with _step(result, "standardise"):
+    with result.step("standardise"):
         standardise_ct(case.image, outputs["image"], options.spacing_xyz)
-    with _step(result, "segment"):
+    with result.step("segment"):
         if case.seg is not None:
             import_segmentation(case.seg, options.seg_version, outputs["image"], outputs["coarseg"])
         else:
@@ -227,9 +191,9 @@ def _run_steps(case: SourceCase, options: PrepareOptions, reporter: Any, segment
                 run_totalsegmentator(outputs["image"], outputs["coarseg"], options.seg_task, options.seg_fast,
                                      options.seg_device)
     geometry = read_geometry(outputs["image"])
-    with _step(result, "label"):
+    with result.step("label"):
         lesions, organ = _volumes(case, options, outputs, geometry)
-    with _step(result, "report"):
+    with result.step("report"):
         _describe(case, options, reporter, outputs, geometry, lesions, organ, result)
 
 
@@ -240,13 +204,13 @@ def prepare_case(case: SourceCase, out_dir: Path, options: PrepareOptions, repor
     outputs = {name: case_dir / file_name for name, file_name in OUTPUT_FILES.items()}
     result = CaseResult(case.index, case.case_id, {"image": str(case.image), "label": str(case.label),
                                                    "seg": str(case.seg) if case.seg else None}, split=split)
-    try:
-        with _step(result, "inputs"):
+    with errors_into(result, options.debug):
+        with result.step("inputs"):
             check_inputs(case, options.lesion_labels)
             expected = fingerprint(case, options, reporter.settings)
         result.outputs = {name: str(path) for name, path in outputs.items()}
-        if not options.overwrite and _finished(case_dir, expected):
-            record = json.loads((case_dir / RECORD_FILE).read_text())
+        record = None if options.overwrite else finished_record(case_dir, RECORD_FILE, OUTPUT_FILES, expected)
+        if record is not None:
             for key in ("lesion", "lesions", "undecided", "attributes"):
                 setattr(result, key, record.get(key, getattr(result, key)))
             result.status = "skipped"
@@ -257,10 +221,4 @@ def prepare_case(case: SourceCase, out_dir: Path, options: PrepareOptions, repor
             "fingerprint": expected, "outputs": OUTPUT_FILES, "seconds": result.seconds, "lesion": result.lesion,
             "lesions": result.lesions, "undecided": result.undecided, "attributes": result.attributes})
         result.status = "done"
-    except LesionDiffusionError as error:
-        result.error = str(error)
-        result.traceback = traceback.format_exc() if options.debug else None
-    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
-        result.error = f"{type(error).__name__}: {error}"
-        result.traceback = traceback.format_exc()
     return result

@@ -5,17 +5,14 @@ takes a GPU or all CPU cores and GBs of memory, so at most ``segmentation_worker
 """
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from preparation.case import CaseResult, PrepareOptions, prepare_case
 from preparation.outputs import split_cases, write_fragments, write_lists, write_run_report
 from preparation.source import SourceDataset
+from preprocessing.case_run import run_in_threads
 
 
 def prepare_dataset(dataset: SourceDataset, out_dir: Path, options: PrepareOptions, reporter: Any,
@@ -26,18 +23,9 @@ def prepare_dataset(dataset: SourceDataset, out_dir: Path, options: PrepareOptio
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     splits = split_cases([case.case_id for case in dataset.cases], val_fraction, seed)
-    slots = threading.BoundedSemaphore(max(1, segmentation_workers))
-    results: list[CaseResult] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(prepare_case, case, out_dir, options, reporter, slots, splits[case.case_id])
-                   for case in dataset.cases]
-        with tqdm(total=len(futures), desc="prepare", unit="case", disable=not progress) as bar:
-            for future in as_completed(futures):
-                result = future.result()
-                results.append(result)
-                bar.set_postfix_str(f"{result.case_id}: {result.status}")
-                bar.update(1)
-    results.sort(key=lambda result: result.index)
+    results = run_in_threads(
+        dataset.cases, lambda case, slots: prepare_case(case, out_dir, options, reporter, slots, splits[case.case_id]),
+        workers, segmentation_workers, "prepare", progress)
     rows = write_lists(out_dir, results)
     write_fragments(out_dir, rows)
     settings = {"reporter": reporter.settings, "val_fraction": val_fraction, "seed": seed}

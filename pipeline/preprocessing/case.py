@@ -9,21 +9,19 @@ result of a case does not depend on the order in which parallel workers run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ldm.data.volume import Geometry, read_geometry, read_label, read_volume, write_volume
-from ldm.errors import DataError, LesionDiffusionError
+from ldm.errors import DataError
 from ldm.fileio import write_json_atomic
 from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
+from preprocessing.case_run import CaseResult as BaseCaseResult
+from preprocessing.case_run import content_hash, errors_into, file_sha256, finished_record, fingerprint_fields
 from preprocessing.inputs import CaseInput, require_input
 from preprocessing.report_format import ReportRequest, size_bound_problem
 from preprocessing.segment import import_segmentation, run_totalsegmentator
@@ -56,42 +54,19 @@ class PreprocessOptions:
     overwrite: bool = False
     debug: bool = False
 
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The options that change a case's outputs."""
-        fields = asdict(self)
-        for key in ("overwrite", "debug", "seg_device"):
-            fields.pop(key)
-        return fields
-
 
 @dataclass
-class CaseResult:
-    """What happened to one case; ``status`` is ``done``, ``skipped`` or ``failed``; ``seconds`` per step."""
+class CaseResult(BaseCaseResult):
+    """:class:`preprocessing.case_run.CaseResult` with the steps that finished, in order, and warnings."""
 
-    index: int
-    case_id: str
-    inputs: dict[str, str | None]
-    status: str = "failed"
-    outputs: dict[str, str] = field(default_factory=dict)
     steps: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    traceback: str | None = None
 
-
-@contextlib.contextmanager
-def _step(result: CaseResult, name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    result.seconds[name] = round(time.perf_counter() - start, 3)
-    result.steps.append(name)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        with super().step(name):
+            yield
+        self.steps.append(name)
 
 
 def case_fingerprint(case: CaseInput, options: PreprocessOptions, reporter_settings: dict[str, Any]) -> str:
@@ -100,22 +75,17 @@ def case_fingerprint(case: CaseInput, options: PreprocessOptions, reporter_setti
         "ct": file_sha256(case.ct_path),
         "segmentation": file_sha256(case.seg_path) if case.seg_path else None,
         "attributes": json.loads(case.attributes_line),
-        "options": options.fingerprint_fields(),
+        "options": fingerprint_fields(options),
         "reporter": reporter_settings,
         "row": case.index,
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return content_hash(content)
 
 
 def _finished(case_dir: Path, fingerprint: str) -> bool:
-    record = case_dir / RECORD_FILE
-    if not record.is_file() or not all((case_dir / name).is_file() for name in OUTPUT_FILES.values()):
-        return False
-    try:
-        content = json.loads(record.read_text())
-        return content.get("fingerprint") == fingerprint and bool(content.get("source_ct"))
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return False
+    # A record without source_ct predates it; inference needs it, so such a case is redone.
+    record = finished_record(case_dir, RECORD_FILE, OUTPUT_FILES, fingerprint)
+    return record is not None and bool(record.get("source_ct"))
 
 
 def check_same_grid(seg: Geometry, ct: Geometry) -> None:
@@ -156,16 +126,16 @@ def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segm
 def _run_steps(case: CaseInput, attributes: CaseAttributes, options: PreprocessOptions, reporter: Any,
                segmentation_slots: contextlib.AbstractContextManager, outputs: dict[str, Path],
                result: CaseResult) -> None:
-    with _step(result, "standardise"):
+    with result.step("standardise"):
         standardise_ct(case.ct_path, outputs["img"], options.spacing_xyz)
-    with _step(result, "segment"):
+    with result.step("segment"):
         if case.seg_path:
             import_segmentation(case.seg_path, options.seg_version, outputs["img"], outputs["seg"])
         else:
             with segmentation_slots:
                 run_totalsegmentator(outputs["img"], outputs["seg"], options.seg_task, options.seg_fast, options.seg_device)
     report_rng, box_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([options.seed, case.index]).spawn(2))
-    with _step(result, "report"):
+    with result.step("report"):
         ct, geometry = read_volume(outputs["img"])
         segmentation, _ = read_label(outputs["seg"])
         organ = segmentation == attributes.organ_id
@@ -174,7 +144,7 @@ def _run_steps(case: CaseInput, attributes: CaseAttributes, options: PreprocessO
             raise DataError(f"organ {attributes.organ_name!r} (v1 id {attributes.organ_id}) is absent from the segmentation {source}")
         report = reporter.generate(_request(attributes, ct, organ, segmentation, options), report_rng)
         write_json_atomic(outputs["type"], report)
-    with _step(result, "boxes"):
+    with result.step("boxes"):
         entry = report[str(attributes.organ_id)]
         size_zyx = tuple(entry[3][1][0])[::-1]
         boxes = place_boxes(organ, size_zyx, options.boxes_per_case, entry[2]["cavity"], attributes.hollow, box_rng,
@@ -192,8 +162,8 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
     outputs = {name: case_dir / file_name for name, file_name in OUTPUT_FILES.items()}
     result = CaseResult(case.index, case.case_id,
                         {"ct": case.ct_path, "segmentation": case.seg_path, "attributes": case.where})
-    try:
-        with _step(result, "inputs"):
+    with errors_into(result, options.debug):
+        with result.step("inputs"):
             attributes = interpret_attributes(parse_attribute_line(case.attributes_line, case.where), case.where)
             require_input(case.ct_path, case.ct_tried, "CT")
             ct_geometry = read_geometry(case.ct_path)
@@ -210,12 +180,6 @@ def process_case(case: CaseInput, exp_dir: Path, options: PreprocessOptions, rep
         # source_ct: inference writes its results on this CT's grid (inference.cases.recorded_source).
         write_json_atomic(case_dir / RECORD_FILE, {"fingerprint": fingerprint, "outputs": OUTPUT_FILES,
                                                    "source_ct": str(Path(case.ct_path).resolve()),
-                                            "seconds": result.seconds, "warnings": result.warnings})
+                                                   "seconds": result.seconds, "warnings": result.warnings})
         result.status = "done"
-    except LesionDiffusionError as error:
-        result.error = str(error)
-        result.traceback = traceback.format_exc() if options.debug else None
-    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others; the reason is reported
-        result.error = f"{type(error).__name__}: {error}"
-        result.traceback = traceback.format_exc()
     return result

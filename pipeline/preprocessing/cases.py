@@ -11,19 +11,16 @@ against their list's directory), so the folder can be moved as a whole.
 """
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from ldm.fileio import write_json_atomic, write_text_atomic
 from inference.distributed import Launch, gather_to_main, process_group, shard
 
 from preprocessing.case import OUTPUT_FILES, CaseResult, PreprocessOptions, process_case
+from preprocessing.case_run import run_in_threads
 from preprocessing.inputs import CaseInput
 
 REPORT_FILE = "preprocess_report.json"
@@ -34,17 +31,8 @@ SUCCEEDED = ("done", "skipped")
 def run_cases(cases: list[CaseInput], exp_dir: Path, options: PreprocessOptions, reporter: Any,
               workers: int = 1, segmentation_workers: int = 1, progress: bool = True) -> list[CaseResult]:
     """Process every case; returns the results in input order (failures included, never raised)."""
-    slots = threading.BoundedSemaphore(max(1, segmentation_workers))
-    results: list[CaseResult] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(process_case, case, exp_dir, options, reporter, slots) for case in cases]
-        with tqdm(total=len(futures), desc="preprocess", unit="case", disable=not progress) as bar:
-            for future in as_completed(futures):
-                result = future.result()
-                results.append(result)
-                bar.set_postfix_str(f"{result.case_id}: {result.status}")
-                bar.update(1)
-    return sorted(results, key=lambda result: result.index)
+    return run_in_threads(cases, lambda case, slots: process_case(case, exp_dir, options, reporter, slots), workers,
+                          segmentation_workers, "preprocess", progress)
 
 
 def write_lists(exp_dir: Path, results: list[CaseResult]) -> dict[str, Path]:

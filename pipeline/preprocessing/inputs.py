@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm.data.lists import list_lines
 from ldm.errors import DataError
 from preprocessing.user_attributes import read_attribute_lines
 
@@ -49,15 +50,9 @@ def resolve_entry(entry: str, list_dir: Path, cwd: Path) -> tuple[str, tuple[str
 
 def read_input_list(list_path: str | os.PathLike) -> list[tuple[str, tuple[str, ...]]]:
     """``(path, paths tried)`` for every line of a list file, in file order; DataError when it cannot be read."""
-    list_path = Path(os.path.expanduser(str(list_path)))
-    if not list_path.is_file():
-        raise DataError(f"{list_path}: list file not found")
-    try:
-        lines = list_path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{list_path}: cannot read the list file ({error})") from None
-    list_dir, cwd = list_path.resolve().parent, Path.cwd()
-    return [resolve_entry(line.strip(), list_dir, cwd) for line in lines if line.strip()]
+    entries, list_dir = list_lines(list_path)
+    cwd = Path.cwd()
+    return [resolve_entry(entry, list_dir, cwd) for entry in entries]
 
 
 def require_input(path: str, tried: tuple[str, ...], what: str) -> None:

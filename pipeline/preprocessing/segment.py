@@ -95,6 +95,14 @@ def check_weights(task: str = "total", fast: bool = False) -> None:
         )
 
 
+def ready_to_segment(device: str, task: str = "total", fast: bool = False) -> None:
+    """Before any case runs TotalSegmentator: ``device`` is valid, the weights are installed (errors say what to
+    do) and TotalSegmentator's usage statistics are off."""
+    resolve_device(device)
+    check_weights(task, fast)
+    disable_telemetry()
+
+
 def run_totalsegmentator(ct_path: str | os.PathLike, target: str | os.PathLike, task: str = "total",
                          fast: bool = False, device: str = "auto") -> Path:
     """Segment the standardised CT with TotalSegmentator (v1 order); writes uint8 labels on the CT's grid to ``target``."""

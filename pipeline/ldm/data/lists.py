@@ -16,8 +16,9 @@ from typing import Mapping
 from ldm.errors import DataError
 
 
-def read_list(list_path: str | os.PathLike) -> list[str]:
-    """Read a list file; returns its entries as absolute path strings, in file order."""
+def list_lines(list_path: str | os.PathLike) -> tuple[list[str], Path]:
+    """``(entries, folder)`` of a list file: its stripped non-blank lines in file order, and the absolute folder
+    of the list that relative entries resolve against; DataError when it is missing or unreadable."""
     list_path = Path(os.path.expanduser(str(list_path)))
     if not list_path.is_file():
         raise DataError(f"{list_path}: list file not found")
@@ -25,14 +26,14 @@ def read_list(list_path: str | os.PathLike) -> list[str]:
         lines = list_path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{list_path}: cannot read the list file ({error})") from None
-    base = list_path.resolve().parent
-    entries = []
-    for line in lines:
-        entry = line.strip()
-        if entry:
-            path = Path(os.path.expanduser(entry))
-            entries.append(str(path if path.is_absolute() else (base / path).resolve()))
-    return entries
+    return [line.strip() for line in lines if line.strip()], list_path.resolve().parent
+
+
+def read_list(list_path: str | os.PathLike) -> list[str]:
+    """Read a list file; returns its entries as absolute path strings, in file order."""
+    entries, base = list_lines(list_path)
+    paths = [Path(os.path.expanduser(entry)) for entry in entries]
+    return [str(path if path.is_absolute() else (base / path).resolve()) for path in paths]
 
 
 def read_aligned_lists(list_paths: Mapping[str, str | os.PathLike | None]) -> dict[str, list[str]]:
