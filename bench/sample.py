@@ -139,7 +139,7 @@ def write_box_case(folder: Path, crop, boxes: int) -> dict:
     from ldm.data.volume import write_volume
 
     shape = (crop[0], crop[1], crop[2] * boxes)
-    geometry = geometry_for(shape, 1.0)
+    geometry = geometry_for(shape, (1.0, 1.0, 1.0))
     ct = np.random.default_rng(0).normal(50.0, 20.0, shape).astype(np.float32)
     seg = np.zeros(shape, dtype=np.uint8)
     seg[2:-2, 2:-2, 2:-2] = 5
