@@ -1,5 +1,5 @@
-"""Per-lesion sampling time of LMNet and LINet, batched versus one by one, and peak memory of tiled versus untiled
-VQ decoding.
+"""Per-lesion sampling time of LMNet and LINet, batched versus one by one (lesions of the UNet alone, and the
+boxes of one case end to end), and peak memory of tiled versus untiled VQ decoding.
 
     .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2] [--batch 4]
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml]
@@ -130,6 +130,81 @@ def bench_batching(stage: str, config: str, steps: int, batch: int, device, repe
             "max_abs_difference": float((alone - together).abs().max())}
 
 
+def write_box_case(folder: Path, crop, boxes: int) -> dict:
+    """A synthetic CT (soft tissue with noise, 1 mm), its segmentation (one liver block), a liver report and a
+    box file with ``boxes`` boxes of ``crop / 4`` in a row, each in its own crop (so no box reaches another)."""
+    import numpy as np
+
+    from ldm.data.synthetic_geometry import geometry_for
+    from ldm.data.volume import write_volume
+
+    shape = (crop[0], crop[1], crop[2] * boxes)
+    geometry = geometry_for(shape, (1.0, 1.0, 1.0))
+    ct = np.random.default_rng(0).normal(50.0, 20.0, shape).astype(np.float32)
+    seg = np.zeros(shape, dtype=np.uint8)
+    seg[2:-2, 2:-2, 2:-2] = 5
+    box_file = np.zeros(shape, dtype=np.uint8)
+    size = [max(size // 4, 2) for size in crop]
+    for index in range(boxes):
+        start = [(crop[0] - size[0]) // 2, (crop[1] - size[1]) // 2, index * crop[2] + (crop[2] - size[2]) // 2]
+        box_file[tuple(slice(a, a + b - index % 2) for a, b in zip(start, size))] = 2  # distinct sizes
+    report = {"lesion location": "5", "shape": "round-like,", "density": "low density lesion,",
+              "CT value": "Mean density of the lesion region is approximately 12 HU,",
+              "cavity": "within the parenchymal organ,"}
+    paths = {"image": write_volume(folder / "ct.nii.gz", ct, geometry),
+             "seg": write_volume(folder / "seg.nii.gz", seg, geometry),
+             "boxes": write_volume(folder / "boxes.nii.gz", box_file, geometry), "type": folder / "type.json"}
+    paths["type"].write_text(json.dumps({"5": ["round-like,", "", report, [[[0, 0, 0]], [size]]]}))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def bench_boxes(lmnet_config: str, linet_config: str, steps: int, batch: int, device, repeats: int = 2) -> dict:
+    """A case with ``batch`` boxes through LMNet then LINet (``inference.sample_case`` / ``inpaint_case``), its boxes
+    one by one (batch_size 1) and in waves (batch_size ``batch``), interleaved; per stage the minimum of
+    ``repeats`` per lesion and whether the outputs agree (LMNet masks equal, LINet largest HU difference)."""
+    import tempfile
+
+    import numpy as np
+
+    from ldm.data.volume import read_volume
+    from inference.batching import run_cases
+    from inference.cases import CaseSpec
+    from inference.linet import inpaint_case
+    from inference.lmnet import sample_case
+    from inference.options import parse_options
+
+    stages = {}
+    for stage, config, process in (("lmnet", lmnet_config, sample_case), ("linet", linet_config, inpaint_case)):
+        model, inference = build(config, device, drop_checkpoints=False)
+        inference.update(ddim_steps=steps, device=device.type, progress=False, preview=False, overwrite=False,
+                         min_fill=0.0, max_mask_num=batch, min_component_voxels=1)
+        stages[stage] = (model, parse_options(inference, stage), process)
+    crop = [max(sizes) for sizes in zip(*(options.crop_size for _, options, _ in stages.values()))]
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        paths = write_box_case(folder, crop, batch)
+        for stage, (model, options, process) in stages.items():
+            case = CaseSpec(0, "boxes", dict(paths), folder / stage)
+            times, outputs = {"one_by_one": [], "batched": []}, {}
+            for _ in range(repeats):
+                for name, size in (("one_by_one", 1), ("batched", batch)):
+                    sized = options.with_overrides(batch_size=size)
+                    synchronise(device)
+                    result = run_cases(lambda unet, spec: process(unet, spec, sized), model, [case], sized, stage)[0]
+                    if not result.ok:
+                        raise RuntimeError(result.error)
+                    times[name].append(result.seconds / len(result.lesions))
+                    outputs[name] = result.outputs["mask" if stage == "lmnet" else "image"]
+            alone, together = (read_volume(outputs[name])[0] for name in ("one_by_one", "batched"))
+            paths["label"] = outputs["one_by_one"]
+            agreement = {"masks_equal": bool(np.array_equal(alone, together))} if stage == "lmnet" else \
+                {"max_abs_hu_difference": float(np.abs(alone - together).max())}
+            results[stage] = {"crop": list(options.crop_size), "lesions": batch, **agreement,
+                              **{f"{name}_seconds_per_lesion": round(min(values), 3) for name, values in times.items()}}
+    return results
+
+
 def bench_vq_decode(config: str, size: int, mode: str, tile: int, overlap: int, device) -> dict:
     """Decode a random latent to a ``size``³ image: ``whole`` (one pass), ``streamed`` (layer by layer over tiles of
     ``tile`` latent voxels) or ``overlapping`` (overlapping tiles, GroupNorm statistics measured in extra passes)."""
@@ -173,6 +248,8 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
         result = bench_linet(case["config"], case["steps"], device, case["fast_conv"])
     elif kind == "batching":
         result = bench_batching(case["stage"], case["config"], case["steps"], case["batch"], device)
+    elif kind == "boxes":
+        result = bench_boxes(case["lmnet_config"], case["linet_config"], case["steps"], case["batch"], device)
     else:
         result = bench_vq_decode(case["config"], case["size"], case["mode"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
@@ -193,7 +270,7 @@ def main() -> None:
                         choices=["whole", "streamed", "overlapping"],
                         help="VQ decodes to compare (overlapping: the old extra-pass tiling, ~17x slower)")
     parser.add_argument("--batch", type=int, default=4, help="lesions per UNet batch in the batching comparison")
-    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching"])
+    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -206,6 +283,8 @@ def main() -> None:
                "overlap": args.vq_tile[1]} for mode in args.vq_modes]
     cases += [{"kind": "batching", "stage": stage, "config": config, "steps": args.steps[0], "batch": args.batch}
               for stage, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))]
+    cases.append({"kind": "boxes", "lmnet_config": args.lmnet_config, "linet_config": args.linet_config,
+                  "steps": args.steps[0], "batch": args.batch})
     for case in cases:
         if args.only and case["kind"] != args.only:
             continue

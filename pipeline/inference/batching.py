@@ -7,8 +7,9 @@ settings as one batch of at most ``batch_size`` items. Each item keeps its own `
 draw the noise of item ``i`` from generator ``i`` alone), so an item gets the noise it gets one by one: outputs
 equal one-by-one sampling up to fp32 rounding (batched convolutions add up in another order, ~1e-6).
 
-Lesions of one case stay one after the other: a later box depends on the earlier ones (LMNet keeps a voxel away
-from them, LINet crops the CT as inpainted so far). A batch that raises (e.g. CUDA out of memory) is retried item
+A case may ask for several items at once: the boxes of one case that do not depend on each other
+(:mod:`inference.box_batches`; a later box depends on earlier ones where LMNet's cavity rule sees them or LINet's
+crop holds their paste). A batch that raises (e.g. CUDA out of memory) is retried item
 by item, so an error lands on the case that caused it. The threads take turns with LINet's VQ (its tiled passes
 patch its GroupNorm layers). On CUDA with ``batch_memory_mb`` the first batch of each shape runs one item and its
 measured peak memory sets how many items fit in the budget.
@@ -55,8 +56,9 @@ class SampleRequest:
         self.group = (shapes, tuple(sorted(self.settings.items())), self.autocast)
 
 
-def split_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> SampleRequest:
-    """A :class:`SampleRequest` from the arguments of ``model.sample``; tensors must hold one batch item."""
+def split_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> list[SampleRequest]:
+    """One :class:`SampleRequest` per batch item of the arguments of ``model.sample``: every tensor holds the same
+    number of items, and ``generator`` is one generator (one item) or one per item."""
     tensors: dict[str | int, torch.Tensor | None] = {index: value for index, value in enumerate(args)}
     settings = {}
     for name, value in kwargs.items():
@@ -66,13 +68,19 @@ def split_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> SampleReques
             tensors[name] = value
         else:
             settings[name] = value
-    for key, value in tensors.items():
-        if value is not None and (not isinstance(value, torch.Tensor) or value.shape[0] != 1):
-            raise ValueError(f"batched sampling takes one item per call; argument {key!r} is not a batch-1 tensor")
+    sizes = {value.shape[0] for value in tensors.values() if isinstance(value, torch.Tensor)}
+    if len(sizes) != 1 or any(value is not None and not isinstance(value, torch.Tensor) for value in tensors.values()):
+        raise ValueError("batched sampling needs tensors with the same number of items in every argument")
+    items = sizes.pop()
+    generator = kwargs.get("generator")
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator] * items
+    if len(generators) != items or (items > 1 and not isinstance(generator, (list, tuple))):
+        raise ValueError(f"batched sampling of {items} items needs one generator per item")
     device_type = "cuda" if torch.is_autocast_enabled("cuda") else "cpu"
     enabled = torch.is_autocast_enabled(device_type)
     autocast = (enabled, torch.get_autocast_dtype(device_type) if enabled else None)
-    return SampleRequest(tensors, settings, kwargs.get("generator"), autocast)
+    return [SampleRequest({key: None if value is None else value[row:row + 1] for key, value in tensors.items()},
+                          settings, generators[row], autocast) for row in range(items)]
 
 
 class BatchingModel:
@@ -84,6 +92,7 @@ class BatchingModel:
         self._condition = threading.Condition()
         self._pending: list[SampleRequest] = []
         self._active = 0
+        self._waiting = 0  # sample calls whose requests are pending
         self._running = False
         self._fitting: dict[tuple, int] = {}
         self._serial_lock = threading.Lock()
@@ -108,24 +117,27 @@ class BatchingModel:
             self._flush_when_all_wait()
 
     def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``model.sample`` for one item, run as part of a batch; returns the item's sample ``[1, ...]``."""
-        request = split_arguments(args, kwargs)
+        """``model.sample`` for one or more items (one generator per item), run as part of batches; returns the
+        items' samples ``[items, ...]``."""
+        requests = split_arguments(args, kwargs)
         with self._condition:
-            self._pending.append(request)
+            self._pending.extend(requests)
+            self._waiting += 1
         self._flush_when_all_wait()
         with self._condition:
-            while not request.done:
+            while not all(request.done for request in requests):
                 self._condition.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return torch.cat([request.result for request in requests])
 
     def _flush_when_all_wait(self) -> None:
-        # One request per waiting case: when there are as many as cases in flight, nobody else will ask.
+        # One sample call per waiting case: when as many wait as cases are in flight, nobody else will ask.
         with self._condition:
-            if self._running or not self._pending or len(self._pending) < self._active:
+            if self._running or not self._pending or self._waiting < self._active:
                 return
-            requests, self._pending = self._pending, []
+            requests, self._pending, self._waiting = self._pending, [], 0
             self._running = True
         try:
             self._run(requests)

@@ -9,7 +9,8 @@ Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, lar
    downsampling, which can miss thin parts); DDIM in the latent keeps the clean latent outside the mask and is
    guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
 3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
-   beyond a rim of ``rim_mm`` around the lesion every voxel is the input's.
+   beyond a rim of ``rim_mm`` around the lesion every voxel is the input's. Lesions whose crops no earlier
+   lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`).
 
 Outputs, in the case folder (``k`` the first unused number, see :mod:`inference.cases`):
 
@@ -43,8 +44,8 @@ from ldm.data.organs import organ_name
 from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
-from ldm.util import make_generator
 from inference.batching import run_cases
+from inference.box_batches import BoxWaves, ItemInputs, sample_items, slices_meet
 from inference.cases import LMNET_HINT, CaseSpec, output_path, recorded_source
 from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
@@ -133,35 +134,86 @@ def latent_mask(lesion: np.ndarray, factor: int, device: torch.device) -> torch.
     return F.max_pool3d(lesion, kernel_size=factor, stride=factor, ceil_mode=True).to(device)
 
 
-@torch.no_grad()
-def inpaint_lesion(model: InpaintingDiffusion, inputs: ImageInputs, volume: np.ndarray, component: Component,
-                   case_index: int, options: InferenceOptions, precision: torch.dtype | None = None,
-                   step_progress: bool = False, unblended: np.ndarray | None = None) -> LesionResult:
-    """Inpaint one lesion into ``volume`` (HU, modified in place; ``unblended`` receives the generated values
-    themselves, see :func:`inference.paste.paste_generated`); returns the lesion record."""
-    start = time.perf_counter()
-    window = component.window
-    lesion = take_crop(component.mask, window, fill=False)
-    seg = take_crop(inputs.seg, window, fill=0) if inputs.seg is not None else None
+@dataclass
+class LesionSetup:
+    """What one lesion's inpainting takes that no other lesion changes: its crop of the mask, text and context."""
+
+    component: Component
+    lesion: np.ndarray
+    key: str
+    text: dict
+    context: torch.Tensor | None
+
+
+def lesion_setup(model: InpaintingDiffusion, inputs: ImageInputs, component: Component) -> LesionSetup:
+    """The fixed inputs of one lesion (organ key from the segmentation when there is one, report text)."""
+    lesion = take_crop(component.mask, component.window, fill=False)
+    seg = take_crop(inputs.seg, component.window, fill=0) if inputs.seg is not None else None
     key = select_organ_key(inputs.report, lesion, seg)
     text = linet_attributes(report_attributes(inputs.report, key), key, source=inputs.report_path)
-    context = model.encode_context([text])
-    image = hu_to_unit(take_crop(volume, window, fill=AIR_HU).astype(np.float32))
+    return LesionSetup(component, lesion, key, text, model.encode_context([text]))
+
+
+def lesion_item(model: InpaintingDiffusion, setup: LesionSetup, crop: np.ndarray, case_index: int,
+                options: InferenceOptions) -> ItemInputs:
+    """The UNet call of one lesion: the latent of ``crop`` (HU, the CT as inpainted so far), the latent mask, the
+    context and the seed."""
+    image = hu_to_unit(crop.astype(np.float32))
     latent = encode_crop(model, torch.from_numpy(image)[None, None], options)
-    mask = latent_mask(lesion, vq_factor(model), latent.device)
-    seed = lesion_seed(options.seed, "linet", case_index, component.rank)
-    with autocast(model.device, precision):
-        inpainted = model.sample(latent, mask, context, steps=options.ddim_steps, eta=options.eta,
-                                 sampler=options.sampler, generator=make_generator(seed),
-                                 guidance_scale=options.guidance_scale, blend=options.blend, use_ema=options.use_ema,
-                                 progress=step_progress)
+    mask = latent_mask(setup.lesion, vq_factor(model), latent.device)
+    seed = lesion_seed(options.seed, "linet", case_index, setup.component.rank)
+    return ItemInputs((latent, mask, setup.context), seed)
+
+
+@torch.no_grad()
+def inpaint_lesion(model: InpaintingDiffusion, inputs: ImageInputs, volume: np.ndarray, setup: LesionSetup,
+                   waves: BoxWaves, case_index: int, options: InferenceOptions,
+                   unblended: np.ndarray | None = None) -> LesionResult:
+    """Inpaint one lesion into ``volume`` (HU, modified in place; its turn: every earlier lesion pasted);
+    ``unblended`` receives the generated values themselves, see :func:`inference.paste.paste_generated`. The
+    sample comes from ``waves``. Returns the lesion record."""
+    start = time.perf_counter()
+    component = setup.component
+    inpainted = waves.first_sample(component.rank, take_crop(volume, component.window, fill=AIR_HU))
     generated = unit_to_hu(decode_crop(model, inpainted, options.crop_size, options))
-    offset = paste_generated(volume, generated, lesion, window, options.rim_mm, inputs.geometry.spacing_zyx,
-                             options.match_surroundings, unblended)
+    offset = paste_generated(volume, generated, setup.lesion, component.window, options.rim_mm,
+                             inputs.geometry.spacing_zyx, options.match_surroundings, unblended)
+    text = setup.text
     requested = float(text["CT value"].split()[0]) if "CT value" in text else None
-    return LesionResult(rank=component.rank, seed=seed, voxels=component.voxels, organ=organ_name(key),
-                        hu_offset=round(offset, 2), mean_hu=round(float(volume[component.mask].mean()), 1),
-                        requested_hu=requested, seconds=round(time.perf_counter() - start, 3))
+    return LesionResult(rank=component.rank, seed=lesion_seed(options.seed, "linet", case_index, component.rank),
+                        voxels=component.voxels, organ=organ_name(setup.key), hu_offset=round(offset, 2),
+                        mean_hu=round(float(volume[component.mask].mean()), 1), requested_hu=requested,
+                        seconds=round(time.perf_counter() - start, 3))
+
+
+def linet_waves(model: InpaintingDiffusion, inputs: ImageInputs, components: Sequence[Component],
+                volume: np.ndarray, case_index: int, options: InferenceOptions, precision: torch.dtype | None,
+                step_progress: bool) -> tuple[BoxWaves, Callable[[int], LesionSetup]]:
+    """The :class:`BoxWaves` of a case's lesions (``volume``: the CT as inpainted so far, updated by the caller)
+    and the function giving each lesion's :class:`LesionSetup` (made once per lesion)."""
+    setups: dict[int, LesionSetup] = {}
+    reach = rim_voxels(options.rim_mm, inputs.geometry.spacing_zyx)
+
+    def setup(rank: int) -> LesionSetup:
+        if rank not in setups:
+            setups[rank] = lesion_setup(model, inputs, components[rank])
+        return setups[rank]
+
+    def independent(earlier: int, later: int) -> bool:
+        # A paste changes only the lesion and the rim around it; a later lesion reads its whole crop.
+        return not slices_meet(components[earlier].bbox, components[later].window.volume_slices(), reach)
+
+    def crop(rank: int) -> np.ndarray:
+        return take_crop(volume, components[rank].window, fill=AIR_HU)
+
+    def sample(items: Sequence[ItemInputs]) -> list[torch.Tensor]:
+        with autocast(model.device, precision):
+            return sample_items(model, items, steps=options.ddim_steps, eta=options.eta, sampler=options.sampler,
+                                guidance_scale=options.guidance_scale, blend=options.blend, use_ema=options.use_ema,
+                                progress=step_progress)
+
+    return BoxWaves(len(components), options.batch_size, independent, crop,
+                    lambda rank, image: lesion_item(model, setup(rank), image, case_index, options), sample), setup
 
 
 def hu_warning(record: LesionResult, tolerance: float) -> str | None:
@@ -229,8 +281,9 @@ def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceO
                                      options.min_component_voxels, margin=margin)
         volume = inputs.ct.copy()
         unblended = inputs.ct.copy()
+        waves, setup = linet_waves(model, inputs, components, volume, case.index, options, precision, step_progress)
         for component in components:
-            record = inpaint_lesion(model, inputs, volume, component, case.index, options, precision, step_progress,
+            record = inpaint_lesion(model, inputs, volume, setup(component.rank), waves, case.index, options,
                                     unblended)
             result.lesions.append(record)
             warning = hu_warning(record, options.hu_tolerance)

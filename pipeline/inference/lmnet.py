@@ -9,7 +9,8 @@ Per case (the CT's grid; boxes = value 2 of the box file, see :mod:`inference.pl
    report has none; the original ignored the report and guessed from directory names);
 3. LMNet samples a mask (seeded per case, box and attempt); :mod:`inference.thresholds` turns it into one lesion
    inside the box that keeps a voxel away from earlier lesions; when the lesion is smaller than ``min_fill`` of
-   the target volume another attempt is sampled, and the best of ``attempts`` is kept;
+   the target volume another attempt is sampled, and the best of ``attempts`` is kept (first attempts of boxes
+   that do not reach each other share a UNet batch, with the one-by-one result: :mod:`inference.box_batches`);
 4. the output holds 1 for the organs of the boxes and 2 for the lesions (uint8, the CT's affine and shape).
 
 Use from Python: ``sample_masks(model, read_cases(exp_dir, options.lists), options)``.
@@ -31,8 +32,8 @@ from ldm.data.organs import NUM_V1_CLASSES, organ_name
 from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.mask import MaskDiffusion
-from ldm.util import make_generator
 from inference.batching import run_cases
+from inference.box_batches import BoxWaves, ItemInputs, sample_items, slices_meet
 from inference.cases import CaseSpec, output_path
 from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
@@ -40,7 +41,7 @@ from inference.options import InferenceOptions
 from inference.plan import Component, lesion_seed, plan_components
 from inference.previews import write_lesion_preview
 from inference.results import CaseResult, LesionResult
-from inference.thresholds import Candidate, blocked_region, choose_threshold
+from inference.thresholds import blocked_region, choose_threshold
 
 ORGAN_VALUE, LESION_VALUE = 1, 2
 
@@ -79,23 +80,20 @@ def _conditioning(model: MaskDiffusion, seg: np.ndarray, organ: np.ndarray, box:
     return model.condition_volume(channel(seg / NUM_V1_CLASSES), channel(organ), channel(box))
 
 
-def _sample_candidate(model: MaskDiffusion, cond: torch.Tensor, context: torch.Tensor | None, box: np.ndarray,
-                      blocked: np.ndarray, seed: int, options: InferenceOptions, precision: torch.dtype | None,
-                      step_progress: bool) -> Candidate:
-    with autocast(model.device, precision):
-        sample = model.sample(cond, context, steps=options.ddim_steps, eta=options.eta, sampler=options.sampler,
-                              generator=make_generator(seed), guidance_scale=options.guidance_scale,
-                              use_ema=options.use_ema, progress=step_progress)
-    return choose_threshold(sample[0, 0].float().cpu().numpy(), box, blocked, options.thresholds,
-                            options.fill_target, options.fill_holes)
+@dataclass
+class BoxSetup:
+    """What one box's sampling takes that no other box changes: crops of its window, organ key and text."""
+
+    component: Component
+    box: np.ndarray
+    organ: np.ndarray
+    key: str
+    attributes: dict
+    cond: torch.Tensor
 
 
-@torch.no_grad()
-def sample_box(model: MaskDiffusion, inputs: MaskInputs, component: Component, occupied: np.ndarray,
-               case_index: int, options: InferenceOptions, precision: torch.dtype | None = None,
-               step_progress: bool = False) -> tuple[np.ndarray, str, LesionResult]:
-    """Sample the lesion of one box; returns the full-volume lesion mask, the organ key and the lesion record."""
-    start = time.perf_counter()
+def box_setup(model: MaskDiffusion, inputs: MaskInputs, component: Component) -> BoxSetup:
+    """The fixed inputs of one box; DataError when the box does not overlap the organ it is assigned to."""
     window = component.window
     box = take_crop(component.box_mask(), window, fill=False)
     seg = take_crop(inputs.seg, window, fill=0)
@@ -105,16 +103,53 @@ def sample_box(model: MaskDiffusion, inputs: MaskInputs, component: Component, o
         where = [(b.start, b.stop) for b in component.bbox]
         raise DataError(f"box {component.rank} at {where} (z, y, x) does not overlap the {organ_name(key)} "
                         f"(v1 id {key}) of the segmentation: no room for a lesion of that organ there")
-    attributes = report_attributes(inputs.report, key)
-    cavity = resolve_cavity(key, attributes, box, organ, take_crop(occupied, window, fill=False),
-                            source=inputs.report_path)
-    context = model.encode_context([lmnet_attributes(attributes, key, cavity)])
-    cond = _conditioning(model, seg, organ, box)
-    blocked = blocked_region(take_crop(occupied, window, fill=False))
+    return BoxSetup(component, box, organ, key, report_attributes(inputs.report, key),
+                    _conditioning(model, seg, organ, box))
+
+
+def box_cavity(setup: BoxSetup, inputs: MaskInputs, occupied: np.ndarray) -> str:
+    """The box's cavity phrase with the lesions of ``occupied`` placed so far (the only input of its UNet call
+    that earlier boxes change)."""
+    return resolve_cavity(setup.key, setup.attributes, setup.box, setup.organ,
+                          take_crop(occupied, setup.component.window, fill=False), source=inputs.report_path)
+
+
+def box_item(model: MaskDiffusion, setup: BoxSetup, cavity: str, seed: int) -> ItemInputs:
+    """The UNet call of one box attempt: conditioning volume, attribute context and seed."""
+    context = model.encode_context([lmnet_attributes(setup.attributes, setup.key, cavity)])
+    return ItemInputs((setup.cond, context), seed)
+
+
+def _sampler(model: MaskDiffusion, options: InferenceOptions, precision: torch.dtype | None,
+             step_progress: bool) -> Callable[[Sequence[ItemInputs]], list[torch.Tensor]]:
+    def sample(items: Sequence[ItemInputs]) -> list[torch.Tensor]:
+        with autocast(model.device, precision):
+            return sample_items(model, items, steps=options.ddim_steps, eta=options.eta, sampler=options.sampler,
+                                guidance_scale=options.guidance_scale, use_ema=options.use_ema,
+                                progress=step_progress)
+
+    return sample
+
+
+@torch.no_grad()
+def sample_box(model: MaskDiffusion, inputs: MaskInputs, setup: BoxSetup, occupied: np.ndarray, case_index: int,
+               options: InferenceOptions, waves: BoxWaves, sample: Callable[[Sequence[ItemInputs]], list]
+               ) -> tuple[np.ndarray, LesionResult]:
+    """Sample the lesion of one box (its turn: ``occupied`` holds every earlier lesion); the first attempt comes
+    from ``waves``, further attempts are sampled alone. Returns the full-volume lesion mask and its record."""
+    start = time.perf_counter()
+    component = setup.component
+    cavity = box_cavity(setup, inputs, occupied)
+    blocked = blocked_region(take_crop(occupied, component.window, fill=False))
     best, best_seed, attempts = None, None, 0
     for attempt in range(options.attempts):
         seed = lesion_seed(options.seed, "lmnet", case_index, component.rank, attempt)
-        candidate = _sample_candidate(model, cond, context, box, blocked, seed, options, precision, step_progress)
+        if attempt == 0:
+            raw = waves.first_sample(component.rank, cavity)
+        else:
+            raw = sample([box_item(model, setup, cavity, seed)])[0]
+        candidate = choose_threshold(raw[0, 0].float().cpu().numpy(), setup.box, blocked, options.thresholds,
+                                     options.fill_target, options.fill_holes)
         attempts += 1
         if best is None or abs(candidate.voxels - candidate.target_voxels) < abs(best.voxels - best.target_voxels):
             best, best_seed = candidate, seed
@@ -123,17 +158,41 @@ def sample_box(model: MaskDiffusion, inputs: MaskInputs, component: Component, o
     if best.voxels == 0:
         raise DataError(f"box {component.rank}: LMNet produced no lesion voxel inside the box in {attempts} "
                         "attempt(s); try another inference.seed or more inference.attempts")
-    lesion = paste_crop(np.zeros(occupied.shape, dtype=bool), best.mask, window)
-    record = LesionResult(rank=component.rank, seed=best_seed, voxels=int(best.voxels), organ=organ_name(key),
+    lesion = paste_crop(np.zeros(occupied.shape, dtype=bool), best.mask, component.window)
+    record = LesionResult(rank=component.rank, seed=best_seed, voxels=int(best.voxels), organ=organ_name(setup.key),
                           threshold=best.threshold, target_voxels=round(best.target_voxels, 1), attempts=attempts,
                           seconds=round(time.perf_counter() - start, 3))
-    return lesion, key, record
+    return lesion, record
+
+
+def lmnet_waves(model: MaskDiffusion, inputs: MaskInputs, components: Sequence[Component], occupied: np.ndarray,
+                case_index: int, options: InferenceOptions,
+                sample: Callable[[Sequence[ItemInputs]], list]) -> tuple[BoxWaves, Callable[[int], BoxSetup]]:
+    """The :class:`BoxWaves` of a case's boxes (``occupied``: the case's lesions so far, updated by the caller)
+    and the function giving each box's :class:`BoxSetup` (made once per box)."""
+    setups: dict[int, BoxSetup] = {}
+
+    def setup(rank: int) -> BoxSetup:
+        if rank not in setups:
+            setups[rank] = box_setup(model, inputs, components[rank])
+        return setups[rank]
+
+    def independent(earlier: int, later: int) -> bool:
+        # An earlier lesion lies in its box; the cavity rule of a later box reads only its one-voxel shell.
+        return not slices_meet(components[later].bbox, components[earlier].bbox, (1, 1, 1))
+
+    def prepare(rank: int, cavity: str) -> ItemInputs:
+        return box_item(model, setup(rank), cavity, lesion_seed(options.seed, "lmnet", case_index, rank))
+
+    return BoxWaves(len(components), options.batch_size, independent,
+                    lambda rank: box_cavity(setup(rank), inputs, occupied), prepare, sample), setup
 
 
 def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
                 precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False) -> CaseResult:
     """Sample every box of one case and write ``samples_<k>.nii.gz`` (and a PNG preview); never raises for a
-    bad case: the reason is in the returned result."""
+    bad case: the reason is in the returned result. Up to ``options.batch_size`` boxes share a UNet batch where
+    that gives the one-by-one result (:mod:`inference.box_batches`)."""
     result = CaseResult(case.index, case.case_id)
     path = output_path(case.out_dir, "samples", options.overwrite)
     try:
@@ -146,14 +205,16 @@ def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
         occupied = np.zeros(inputs.boxes.shape, dtype=bool)
         organs = np.zeros(inputs.boxes.shape, dtype=bool)
         lesions = []
+        sample = _sampler(model, options, precision, step_progress)
+        waves, setup = lmnet_waves(model, inputs, components, occupied, case.index, options, sample)
         for component in components:
-            lesion, key, record = sample_box(model, inputs, component, occupied, case.index, options, precision,
-                                             step_progress)
+            box = setup(component.rank)
+            lesion, record = sample_box(model, inputs, box, occupied, case.index, options, waves, sample)
             if record.voxels < options.min_fill * record.target_voxels:
                 result.warnings.append(f"box {record.rank}: the mask fills {record.voxels / record.target_voxels:.0%} "
                                        f"of its target volume after {record.attempts} attempt(s)")
             occupied |= lesion
-            organs |= organ_mask(inputs.seg, inputs.report, key)
+            organs |= organ_mask(inputs.seg, inputs.report, box.key)
             lesions.append(lesion)
             result.lesions.append(record)
         volume = np.where(occupied, LESION_VALUE, np.where(organs, ORGAN_VALUE, 0)).astype(np.uint8)
