@@ -66,7 +66,8 @@ def bench_lmnet(config: str, steps: int, device, fast_conv: bool) -> dict:
     cond = torch.zeros(1, 3, *crop, device=device)
     cond[:, 1, 2:-2, 4:-4, 4:-4] = 1
     cond[:, 2, crop[0] // 4: -crop[0] // 4, crop[1] // 4: -crop[1] // 4, crop[2] // 4: -crop[2] // 4] = 1
-    context = model.encode_context([{"lesion location": "liver", "shape": "round-like,", "cavity": "within the parenchymal organ,"}])
+    context = model.encode_context([{"lesion location": "liver", "shape": "round-like,",
+                                     "cavity": "within the parenchymal organ,"}])
     synchronise(device)
     start = time.perf_counter()
     model.sample(cond, context, steps=steps, generator=torch.Generator().manual_seed(0))

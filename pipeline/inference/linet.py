@@ -18,8 +18,9 @@ Outputs, in the case folder (``k`` the first unused number, see :mod:`inference.
   source CT it recorded, else the listed CT itself): same shape, affine, data type, scaling and orientation codes;
   every voxel farther than the rim from the lesion bit-identical to that file (:mod:`inference.source_grid`);
 - ``inpainting_<k>_label.nii.gz``: 0 background, 1 organ, 2 lesion, uint8, on the same grid;
-- ``inpainting_<k>_std.nii.gz``: the CT with the lesions on the standardised grid the models ran on (only when
-  that grid is not the user's), the file the quality gate measures, paired with ``samples_<k>.nii.gz``;
+- ``inpainting_<k>_std.nii.gz``: the CT with the lesions on the standardised grid the models ran on (written when
+  ``preprocess.py`` made that grid and recorded the source CT), the file the quality gate measures, paired with
+  ``samples_<k>.nii.gz``;
 - ``inpainting_<k>.png``: three planes through each lesion on the user's grid, input and inpainted.
 
 Use from Python: ``inpaint_cases(model, read_cases(exp_dir, options.lists), options)``.

@@ -1,5 +1,6 @@
 """Checks of every case before any model runs: its files are there (for LINet also the CT ``preprocess.py``
-recorded, whose grid the result goes on), each lesion box fits the crops, each box overlaps its organ. A case with a problem fails at once, naming each problem; the others go on.
+recorded, whose grid the result goes on), each lesion box fits the crops, each box overlaps its organ. A case with
+a problem fails at once, naming each problem; the others go on.
 
 Why up front: a lesion box larger than a crop (with the blend rim around it) used to fail only after LMNet had
 sampled it. The same bound feeds ``preprocess.py`` (:func:`capacity_xyz`), so the reports never ask for a lesion
