@@ -19,6 +19,17 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """Three small phantom cases (32 x 64 x 64, seed 0) that training tests read; a test file needing other
+    phantoms defines its own ``phantoms`` fixture, which takes precedence."""
+    from demo.make_phantoms import make_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    make_phantoms(out, n=3, seed=0, shape=(32, 64, 64), progress=False)
+    return out
+
+
 @pytest.fixture
 def upstream_demo() -> Path:
     return require_shared(UPSTREAM_DEMO)

@@ -72,6 +72,17 @@ def inference_config(stage: str, checkpoint: Path, exp_dir: Path | None, **infer
     return OmegaConf.create({"model": block, "inference": settings})
 
 
+def saved_test_configs(root: Path) -> dict[str, Path]:
+    """Test configs of tiny random LMNet/LINet models (crops 32x16x16 and 32x24x24, no experiment folder), saved
+    as YAML files under ``root`` as a user would pass them; ``{stage: path}``."""
+    paths = {}
+    for stage, crop in (("lmnet", [32, 16, 16]), ("linet", [32, 24, 24])):
+        config = inference_config(stage, save_checkpoint(stage, root / f"{stage}.ckpt"), None, crop_size=crop)
+        paths[stage] = root / f"{stage}_test.yaml"
+        OmegaConf.save(config, paths[stage])
+    return paths
+
+
 def box_volume(label: np.ndarray) -> np.ndarray:
     """A box file's content: the filled bounding box of the lesion (value 2 of ``label``) as value 2."""
     boxes = np.zeros(label.shape, dtype=np.uint8)

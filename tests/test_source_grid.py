@@ -4,9 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import TOTALSEG_EXAMPLE, require_shared
-from omegaconf import OmegaConf
 from scipy import ndimage
-from test_inference_fixtures import inference_config, save_checkpoint
+from test_inference_fixtures import saved_test_configs
 
 import synthesize
 from demo.make_phantoms import make_phantoms
@@ -18,13 +17,7 @@ RIM_MM = 2.0
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grid_configs")
-    paths = {}
-    for stage, crop in (("lmnet", [32, 16, 16]), ("linet", [32, 24, 24])):
-        config = inference_config(stage, save_checkpoint(stage, root / f"{stage}.ckpt"), None, crop_size=crop)
-        paths[stage] = root / f"{stage}_test.yaml"
-        OmegaConf.save(config, paths[stage])
-    return paths
+    return saved_test_configs(tmp_path_factory.mktemp("grid_configs"))
 
 
 def assert_on_input_grid(row, ct_path):

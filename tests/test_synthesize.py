@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import TOTALSEG_EXAMPLE, require_shared
 from omegaconf import OmegaConf
-from test_inference_fixtures import inference_config, save_checkpoint
+from test_inference_fixtures import saved_test_configs
 
 import synthesize
 from inference.runner import run_inference
@@ -13,14 +13,7 @@ from ldm.errors import LesionDiffusionError
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
-    """Test configs of tiny random LMNet/LINet models, saved as YAML files as a user would pass them."""
-    root = tmp_path_factory.mktemp("synth_configs")
-    paths = {}
-    for stage, crop in (("lmnet", [32, 16, 16]), ("linet", [32, 24, 24])):
-        config = inference_config(stage, save_checkpoint(stage, root / f"{stage}.ckpt"), None, crop_size=crop)
-        paths[stage] = root / f"{stage}_test.yaml"
-        OmegaConf.save(config, paths[stage])
-    return paths
+    return saved_test_configs(tmp_path_factory.mktemp("synth_configs"))
 
 
 def run(configs, out, cts, segs, **extra):

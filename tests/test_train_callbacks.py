@@ -14,7 +14,6 @@ from matplotlib.image import imread
 
 import main
 from ldm.util import instantiate_from_config, load_config
-from demo.make_phantoms import make_phantoms
 from ldm.callbacks import ImageLogger
 from ldm.callbacks.resources import peak_memory_mib
 from ldm.data.volume import read_volume
@@ -63,13 +62,6 @@ class RaiseAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.fit_loop.total_batch_idx == self.batch:
             raise RuntimeError("boom")
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms")
-    make_phantoms(out, n=3, seed=0, shape=(32, 64, 64), progress=False)
-    return out
 
 
 def lmnet_argv(phantoms: Path, logdir: Path, *extra: str) -> list[str]:

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 import main
-from demo.make_phantoms import make_phantoms
 from ldm.cli import parse_gpus, split_overrides
 from ldm.errors import ConfigError, MissingWeightsError
 
@@ -13,13 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LMNET = ROOT / "pipeline" / "configs" / "demo" / "lmnet.yaml"
 LINET = ROOT / "pipeline" / "configs" / "demo" / "linet.yaml"
 SPLITS = {"train": "train", "validation": "val"}
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms")
-    make_phantoms(out, n=3, seed=0, shape=(32, 64, 64), progress=False)
-    return out
 
 
 def data_overrides(lists: Path, kinds: tuple[str, ...]) -> list[str]:

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 import main
-from demo.make_phantoms import make_phantoms
 from ldm.callbacks.checkpointing import remove_partial_writes
 from ldm.cli import split_overrides
 from ldm.errors import ConfigError, DataError
@@ -86,13 +85,6 @@ class StateAtStart(pl.Callback):
                  if isinstance(value, torch.Tensor)}
         torch.save({"state_dict": state, "optimizer": trainer.optimizers[0].state_dict()},
                    self.directory / f"start-{trainer.global_step}.pt")
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms")
-    make_phantoms(out, n=3, seed=0, shape=(32, 64, 64), progress=False)
-    return out
 
 
 def lmnet_argv(phantoms: Path, logdir: Path, *extra: str) -> list[str]:
