@@ -149,12 +149,19 @@ def user_grid_pair(inpainted: Path) -> tuple[Path, Path] | None:
 
 
 class DatasetWriter:
-    """Writes cases into ``imagesTr``/``labelsTr`` and remembers them."""
+    """Writes cases into ``imagesTr``/``labelsTr`` and remembers them; ``origins`` / ``lesion_types``: also
+    record the CT each case was made from (for folds) and its lesion type (for a balanced sample)."""
 
-    def __init__(self, dataset_dir: Path, scheme: str):
+    def __init__(self, dataset_dir: Path, scheme: str, origins: bool = False, lesion_types: bool = False):
         self.dataset_dir, self.scheme = dataset_dir, scheme
+        self.origins, self.lesion_types = origins, lesion_types
         self.taken: set[str] = set()
         self.cases: list[ExportedCase] = []
+
+    def origin(self, image: Path) -> Path:
+        """The user's CT that ``image`` was standardised from (``preprocess.json``), else ``image``; only looked
+        up when folds are made (a recorded CT that is gone is then an error for the case)."""
+        return (recorded_source(image) if self.origins else None) or image
 
     def write(self, name: str, kind: str, image: Path, label: np.ndarray, geometry: Geometry, ignored: int = 0,
               origin: Path | None = None, lesions: str = "") -> None:
@@ -193,7 +200,7 @@ def _synthetic_case(writer: DatasetWriter, spec: OutputSpec, exp_dir: Path,
                               rim_mm, geometry.spacing_zyx)
     number = spec.number if spec.number is not None else 0
     writer.write(f"syn_{spec.case_id}_{number}", "synthetic", image, label, geometry, len(failed),
-                 recorded_source(spec.image) or spec.image, lesion_type(spec.report))
+                 writer.origin(spec.image), lesion_type(spec.report) if writer.lesion_types else "")
 
 
 def _real_case(writer: DatasetWriter, image: Path, label_path: Path) -> None:
@@ -202,7 +209,7 @@ def _real_case(writer: DatasetWriter, image: Path, label_path: Path) -> None:
     stem = image.name[: -len(nnunet.FILE_ENDING)] if image.name.endswith(nnunet.FILE_ENDING) else image.stem
     writer.write(f"real_{image.parent.name}_{stem}", "real", image, nnunet.remap_label(source, writer.scheme,
                                                                                         label_path), geometry,
-                 origin=recorded_source(image) or image)
+                 origin=writer.origin(image))
 
 
 def _prepare_folder(dataset_dir: Path, overwrite: bool) -> None:
@@ -264,7 +271,8 @@ def export_nnunet(exp_dir: str | os.PathLike, out_dir: str | os.PathLike, datase
     if only_passed:
         tolerances = tolerances or resolve_tolerances(exp_dir)
         verdicts = _verdicts(specs, exp_dir, tolerances, rim_mm, progress)
-    writer = DatasetWriter(dataset_dir, labels)
+    writer = DatasetWriter(dataset_dir, labels, origins=folds is not None,
+                           lesion_types=synthetic_per_real is not None)
     jobs: list[tuple[str, Callable[[], None]]] = [
         (str(spec.inpainted), partial(_synthetic_case, writer, spec, exp_dir, verdicts, failed, rim_mm, result))
         for spec in specs]

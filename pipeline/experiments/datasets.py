@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from experiments.sampling import balanced_order
-from experiments.splits import SplitCase, Splits, build_splits
+from experiments.splits import SplitCase, Splits, build_splits, check_folds, check_ratio
 from ldm.data.attributes import read_report
 from ldm.data.organs import organ_name
 from ldm.errors import ConfigError
@@ -36,10 +36,9 @@ def lesion_type(report_path: str | os.PathLike) -> str:
 def check_options(include_real: bool, folds: int | None, synthetic_per_real: float | None,
                   with_baseline: int | None, dataset_id: int, name: str) -> str | None:
     """ConfigError for experiment options that cannot work together; returns the baseline's folder name."""
-    if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
-        raise ConfigError(f"--folds: must be an integer >= 2, got {folds!r}")
-    if synthetic_per_real is not None and (isinstance(synthetic_per_real, bool) or synthetic_per_real < 0):
-        raise ConfigError(f"--synthetic-per-real: must be a number >= 0, got {synthetic_per_real!r}")
+    if folds is not None:
+        check_folds(folds)
+    check_ratio(synthetic_per_real)
     needs_real = [flag for flag, value in (("--folds", folds), ("--synthetic-per-real", synthetic_per_real),
                                            ("--with-baseline", with_baseline)) if value is not None]
     if needs_real and not include_real:

@@ -106,11 +106,23 @@ def _groups(real: list[SplitCase], pattern: re.Pattern | None) -> list[list[Spli
     return list(grouped.values())
 
 
+def check_folds(folds) -> None:
+    """ConfigError unless ``folds`` is an integer >= 2."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"--folds: must be an integer >= 2, got {folds!r}")
+
+
+def check_ratio(synthetic_per_real) -> None:
+    """ConfigError unless ``synthetic_per_real`` is None or a number >= 0."""
+    if synthetic_per_real is not None and (isinstance(synthetic_per_real, bool) or not isinstance(
+            synthetic_per_real, (int, float)) or not synthetic_per_real >= 0):
+        raise ConfigError(f"--synthetic-per-real: must be a number >= 0, got {synthetic_per_real!r}")
+
+
 def real_folds(real: list[SplitCase], folds: int, seed: int, pattern: re.Pattern | None) -> list[list[SplitCase]]:
     """The real cases of each validation fold (module docstring, step 1); ConfigError when there are fewer
     independent groups than folds."""
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ConfigError(f"--folds: must be an integer >= 2, got {folds!r}")
+    check_folds(folds)
     groups = _groups(sorted(real, key=lambda case: case.identifier), pattern)
     if len(groups) < folds:
         raise ConfigError(f"--folds {folds}: only {len(groups)} independent real case(s) (distinct CTs and "
@@ -129,10 +141,7 @@ def build_splits(cases: list[SplitCase], folds: int = 5, seed: int = 0, group_by
     unknown = sorted({case.kind for case in cases} - set(KINDS))
     if unknown:
         raise ConfigError(f"split: unknown case kind {unknown[0]!r}")
-    if synthetic_per_real is not None and not (isinstance(synthetic_per_real, (int, float))
-                                               and not isinstance(synthetic_per_real, bool)
-                                               and synthetic_per_real >= 0):
-        raise ConfigError(f"--synthetic-per-real: must be a number >= 0, got {synthetic_per_real!r}")
+    check_ratio(synthetic_per_real)
     pattern = compile_group_by(group_by)
     real = [case for case in cases if case.kind == "real"]
     synthetic = [case for case in cases if case.kind == "synthetic"]
