@@ -53,7 +53,8 @@ from ldm.data.volume import Geometry, read_geometry, read_label, write_volume  #
 from ldm.cli import run_command  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
-from experiments.datasets import BASELINE_SUFFIX, check_options, choose_synthetic, lesion_type, write_baseline  # noqa: E402,E501
+from experiments.datasets import (BASELINE_SUFFIX, check_options, choose_synthetic, lesion_type,  # noqa: E402
+                                  write_baseline)
 from experiments.splits import PREPROCESSED_ENV, SPLITS_FILE, SplitCase, place_splits, real_only  # noqa: E402
 from inference.cases import recorded_source  # noqa: E402
 from inference.source_grid import nearest_on_source_grid  # noqa: E402
@@ -384,9 +385,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{path}: {len(result.folds)} folds over the real cases")
     if result.folds and not os.environ.get(PREPROCESSED_ENV):
         for dataset_dir in filter(None, (result.dataset_dir, result.baseline_dir)):
-            print(f"  {PREPROCESSED_ENV} is not set; after setting it: mkdir -p \"${PREPROCESSED_ENV}/{dataset_dir.name}\" "
-                  f"&& cp {dataset_dir / SPLITS_FILE} \"${PREPROCESSED_ENV}/{dataset_dir.name}/\"")
-    print(f"next: nnUNetv2_plan_and_preprocess {' '.join(f'-d {i}' for i in ids)} --verify_dataset_integrity "
+            target = f"\"${PREPROCESSED_ENV}/{dataset_dir.name}\""
+            print(f"  {PREPROCESSED_ENV} is not set; after setting it: mkdir -p {target} && cp "
+                  f"{dataset_dir / SPLITS_FILE} {target}/")
+    print(f"next: nnUNetv2_plan_and_preprocess -d {' '.join(map(str, ids))} --verify_dataset_integrity "
           "(with nnUNet_raw set to OUT_DIR)")
     return 1 if result.errors else 0
 

@@ -41,15 +41,21 @@ class {TRAINER}(nnUNetTrainerNoMirroring):
 '''
 
 
-def _nnunet(command: str, *arguments, env: dict, processes: int) -> str:
-    """Run an nnU-Net command line of this Python environment; returns its output, failing the test on error."""
-    executable = Path(sys.executable).parent / command
-    if not executable.is_file():
-        pytest.skip(f"{command} is not installed beside {sys.executable}")
-    completed = subprocess.run([str(executable), *map(str, arguments)], capture_output=True, text=True,
-                               env={**env, "nnUNet_n_proc_DA": str(processes)}, timeout=900)
-    assert completed.returncode == 0, f"{command} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
-    return completed.stdout
+def _nnunet(runs: list[list], env: dict, processes: int, folder) -> None:
+    """Run nnU-Net command lines of this Python environment side by side (one core each: CI has two), failing
+    the test with the output of any that fails; ``processes``: nnU-Net's data-augmentation workers."""
+    started = []
+    for number, (command, *arguments) in enumerate(runs):
+        executable = Path(sys.executable).parent / command
+        if not executable.is_file():
+            pytest.skip(f"{command} is not installed beside {sys.executable}")
+        log = folder / f"{command}_{number}.log"
+        with open(log, "w") as output:
+            started.append((command, log, subprocess.Popen([str(executable), *map(str, arguments)], stdout=output,
+                                                           stderr=subprocess.STDOUT, text=True,
+                                                           env={**env, "nnUNet_n_proc_DA": str(processes)})))
+    for command, log, process in started:
+        assert process.wait(timeout=900) == 0, f"{command} failed:\n{log.read_text()[-4000:]}"
 
 
 def test_baseline_and_augmented_nnunet_trained_predicted_and_compared(tmp_path, monkeypatch, capsys):
@@ -77,12 +83,13 @@ def test_baseline_and_augmented_nnunet_trained_predicted_and_compared(tmp_path, 
     assert {name for name in augmented_fold["train"] if name.startswith("syn_")} == {
         f"syn_case_{number}_0" for number in {case.split("_")[1] for case in cases} - held_out}
 
-    _nnunet("nnUNetv2_plan_and_preprocess", "-d", 501, 502, "-c", "3d_fullres", "-npfp", 1, "-np", 1,
-            "--verify_dataset_integrity", env=env, processes=1)
+    datasets = {502: "Dataset502_PhantomsReal", 501: "Dataset501_Phantoms"}
+    _nnunet([["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-npfp", 1, "-np", 1]
+             for dataset_id in datasets], env, 1, tmp_path)
+    _nnunet([["nnUNetv2_train", dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"]
+             for dataset_id in datasets], env, 0, tmp_path)
     trained = {}
-    for dataset_id, name in ((502, "Dataset502_PhantomsReal"), (501, "Dataset501_Phantoms")):
-        _nnunet("nnUNetv2_train", dataset_id, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu", env=env,
-                processes=0)
+    for name in datasets.values():
         trained[name] = folders["nnUNet_results"] / name / f"{TRAINER}__nnUNetPlans__3d_fullres"
         fold = trained[name] / "fold_0"
         log = "".join(path.read_text() for path in fold.glob("training_log_*.txt"))

@@ -158,12 +158,15 @@ def test_export_caps_synthetic_cases_and_prints_the_copy_command(tmp_path, monke
     assert main([str(exp_dir), str(tmp_path / "raw"), "--dataset-id", "611", "--name", "Capped", "--no-progress",
                  "--include-real", str(images), str(labels), "--synthetic-per-real", "1.0"]) == 0
     written = sorted(path.name for path in (tmp_path / "raw/Dataset611_Capped/labelsTr").iterdir())
-    assert len([name for name in written if name.startswith("syn_")]) == 2 and len(written) == 4
+    kept = [name for name in written if name.startswith("syn_")]
+    assert len(kept) == 2 and len(written) == 4
+    assert kept != ["syn_case_000_0.nii.gz", "syn_case_001_0.nii.gz"]  # two lesion types of liver, liver, kidney, spleen
     assert not (tmp_path / "raw/Dataset611_Capped/splits_final.json").exists()
     assert main([str(exp_dir), str(tmp_path / "raw"), "--dataset-id", "611", "--name", "Capped", "--no-progress",
                  "--include-real", str(images), str(labels), "--folds", "2", "--overwrite",
                  "--group-by", "/(case_[0-9]+)/"]) == 0
     printed = capsys.readouterr().out
+    assert "note: 2 synthetic case(s) that no training uses are left out" in printed
     assert "2 folds over the real cases" in printed
     assert 'nnUNet_preprocessed is not set; after setting it: mkdir -p "$nnUNet_preprocessed/Dataset611_Capped"' in printed
     folds = json.loads((tmp_path / "raw/Dataset611_Capped/splits_final.json").read_text())

@@ -54,16 +54,20 @@ def choose_synthetic(cases: Sequence[SplitCase], folds: int | None, seed: int, g
                      synthetic_per_real: float | None) -> tuple[Splits | None, set[str], list[str]]:
     """``(splits or None, synthetic identifiers to export, notes)`` for the exported cases."""
     synthetic = [case for case in cases if case.kind == "synthetic"]
+    splits, notes = None, []
     if folds is not None:
         splits = build_splits(list(cases), folds, seed, group_by, synthetic_per_real)
-        return splits, splits.synthetic_used, splits.notes
-    if synthetic_per_real is None:
-        return None, {case.identifier for case in synthetic}, []
-    wanted = int(round(synthetic_per_real * sum(case.kind == "real" for case in cases)))
-    kept = balanced_order(synthetic, seed)[:wanted]
-    notes = [f"{len(kept)} synthetic case(s) instead of {wanted}: only {len(synthetic)} exported"] \
-        if len(kept) < wanted else []
-    return None, {case.identifier for case in kept}, notes
+        kept, notes = splits.synthetic_used, list(splits.notes)
+    elif synthetic_per_real is None:
+        kept = {case.identifier for case in synthetic}
+    else:
+        wanted = int(round(synthetic_per_real * sum(case.kind == "real" for case in cases)))
+        kept = {case.identifier for case in balanced_order(synthetic, seed)[:wanted]}
+        if len(kept) < wanted:
+            notes.append(f"{len(kept)} synthetic case(s) instead of {wanted}: only {len(synthetic)} exported")
+    if len(kept) < len(synthetic):
+        notes.append(f"{len(synthetic) - len(kept)} synthetic case(s) that no training uses are left out")
+    return splits, kept, notes
 
 
 def write_baseline(augmented_dir: Path, baseline_dir: Path, real: Sequence[str], labels: dict[str, int],
