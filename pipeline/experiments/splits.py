@@ -154,7 +154,8 @@ def build_splits(cases: list[SplitCase], folds: int = 5, seed: int = 0, group_by
     for number, val_cases in enumerate(validation):
         held_out = set().union(*(case_keys(case, pattern) for case in val_cases))
         allowed = [case for case in order if not synthetic_keys[case.identifier] & held_out]
-        train_real = [case for case in real if case not in val_cases]
+        validated = {case.identifier for case in val_cases}
+        train_real = [case for case in real if case.identifier not in validated]
         chosen = allowed
         if synthetic_per_real is not None:
             wanted = int(round(synthetic_per_real * len(train_real)))
