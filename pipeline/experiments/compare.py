@@ -127,8 +127,7 @@ def _metrics(cases: list[CaseComparison], model: str) -> dict[str, tuple[np.ndar
 def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:
     """``sum(num) / sum(den)`` along the last axis; NaN where the denominators sum to 0."""
     top, bottom = numerators.sum(axis=-1), denominators.sum(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1), np.nan)
+    return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1), np.nan)
 
 
 def _defined(value) -> float | None:
@@ -138,7 +137,8 @@ def _defined(value) -> float | None:
 
 def summarise(cases: list[CaseComparison], bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> list[dict]:
     """One row per metric: ``metric``, ``baseline``, ``augmented``, ``difference`` (augmented - baseline),
-    ``ci_low``/``ci_high`` (paired bootstrap 95 %; None where undefined), ``lesions`` (reference lesions counted, for sensitivities)."""
+    ``ci_low``/``ci_high`` (paired bootstrap 95 %; None where undefined), ``lesions`` (reference lesions counted,
+    for sensitivities)."""
     if not cases:
         return []
     baseline, augmented = _metrics(cases, "baseline"), _metrics(cases, "augmented")

@@ -28,7 +28,8 @@ def format_table(comparison: Comparison) -> str:
     """The summary as an aligned text table, with the number of cases and the lesion-matching rule."""
     header = ("metric", "baseline", "augmented", "difference", "95% CI", "lesions")
     rows = [(row["metric"], _number(row["baseline"]), _number(row["augmented"]), _number(row["difference"]),
-             f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}]", "" if row["lesions"] is None else str(row["lesions"]))
+             f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}]",
+             "" if row["lesions"] is None else str(row["lesions"]))
             for row in comparison.summary]
     widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
@@ -59,7 +60,8 @@ def case_rows(comparison: Comparison) -> list[dict]:
             row.update({f"dice_{model}": round(score.dice, 4), f"found_{model}": sum(score.found.values()),
                         f"fp_{model}": sum(score.false_positives.values())})
             for size in SIZE_BINS:
-                row.update({f"found_{model} {size}": score.found[size], f"fp_{model} {size}": score.false_positives[size]})
+                row.update({f"found_{model} {size}": score.found[size],
+                            f"fp_{model} {size}": score.false_positives[size]})
         row.update({f"lesions {size}": case.baseline.lesions[size] for size in SIZE_BINS})
         rows.append(row)
     return rows
@@ -91,9 +93,9 @@ def write_report(comparison: Comparison, json_path: str | Path) -> dict[str, Pat
     stem = json_path.with_suffix("") if json_path.suffix == ".json" else json_path
     paths = {"json": json_path, "csv": stem.with_name(stem.name + ".csv"),
              "cases_csv": stem.with_name(stem.name + "_cases.csv"), "png": stem.with_name(stem.name + ".png")}
+    errors = [{"case": case, "reason": reason} for case, reason in comparison.errors]
     write_json_atomic(paths["json"], {"options": comparison.options, "summary": comparison.summary,
-                                      "cases": [asdict(case) for case in comparison.cases],
-                                      "errors": [{"case": case, "reason": reason} for case, reason in comparison.errors]})
+                                      "cases": [asdict(case) for case in comparison.cases], "errors": errors})
     write_text_atomic(paths["csv"], _csv(comparison.summary, SUMMARY_FIELDS))
     rows = case_rows(comparison)
     write_text_atomic(paths["cases_csv"], _csv(rows, rows[0].keys() if rows else ("case",)))
