@@ -21,7 +21,7 @@ from experiments.sampling import balanced_order
 from experiments.splits import SplitCase, Splits, build_splits, check_folds, check_ratio
 from ldm.data.attributes import read_report
 from ldm.data.organs import organ_name
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, DataError
 from ldm.fileio import atomic_path, write_json_atomic
 from quality import nnunet
 
@@ -73,7 +73,9 @@ def choose_synthetic(cases: Sequence[SplitCase], folds: int | None, seed: int, g
 def write_baseline(augmented_dir: Path, baseline_dir: Path, real: Sequence[str], labels: dict[str, int],
                    name: str, provenance: dict[str, Any]) -> Path:
     """``baseline_dir``: the ``real`` cases of ``augmented_dir`` copied and its ``dataset.json``, checked by
-    reading it back. Returns the folder."""
+    reading it back. Returns the folder; DataError when no real case was exported."""
+    if not real:
+        raise DataError(f"{baseline_dir}: no real case could be exported, so there is no baseline to write")
     for folder in ("imagesTr", "labelsTr"):
         target = baseline_dir / folder
         target.mkdir(parents=True, exist_ok=True)
