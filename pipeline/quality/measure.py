@@ -5,8 +5,8 @@ Per lesion (a face-connected component of value 2 of the output's mask, ranked b
 
 - the description :func:`ldm.lesion.describe_lesion` gives on the inpainted CT, in the organ of the report entry
   that overlaps the lesion most (:func:`ldm.data.attributes.select_organ_key` on a window around the lesion;
-  lung lobes: the union of the report's lobes), with the organ reference read on the **input** CT (so the
-  lesion's own feathered halo does not pull it) and every lesion of the output excluded; sizes count along the
+  lung lobes: the union of the report's lobes), every lesion of the output excluded from the organ reference:
+  exactly what ``describe.py`` says of the output (the same phrases for the same lesion); sizes count along the
   **file's** axes (those of the report's ``size``), the voxel volume is ``|det(affine)|``;
 - the request (:class:`ldm.lesion.Request`): the report entry's attributes, its size (``size``, else element
   ``[3][1]``), its ``CT value``; the ellipsoid inscribed in the size (pi/6 a b c voxels, what LMNet aims for)
@@ -245,8 +245,7 @@ def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, com
     if volumes.seg is not None:
         description = describe_lesion(volumes.inpainted, components == label, volumes.seg, geometry.spacing_zyx,
                                       int(key), voxel_mm3, file_axes, lesions=lesions,
-                                      organ=organ_mask(volumes.seg, report, key), reference_ct=volumes.ct,
-                                      thresholds=tolerances.thresholds)
+                                      organ=organ_mask(volumes.seg, report, key), thresholds=tolerances.thresholds)
         m = description.measurement
         verdicts = compare(request, description, tolerances.thresholds)
         density = next(item for item in verdicts if item.attribute == "density")
