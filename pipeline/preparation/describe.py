@@ -24,7 +24,7 @@ from ldm.data.organs import organ_name, to_v1
 from ldm.data.volume import Geometry, read_label, read_volume
 from ldm.errors import DataError
 from ldm.lesion import LesionDescription, describe_lesion, organ_voxels
-from quality.measure import GRID_ATOL_MM, memory_axis_of_file_axes
+from preparation.case import GRID_ATOL_MM
 from preprocessing.report_format import CT_VALUE, build_report
 
 ORGAN_VALUE = 1
@@ -96,7 +96,7 @@ def describe_files(ct_path: str | os.PathLike, label_path: str | os.PathLike, se
             raise DataError(f"{label_path}: without --seg the organ is the label's value {ORGAN_VALUE}, and it has "
                             "none; give the organ segmentation with --seg")
         seg = np.where(organ_mask | lesions, wanted, 0).astype(np.int16)
-    file_axes = memory_axis_of_file_axes(geometry)
+    file_axes = geometry.memory_axes
     components, ranked, _ = ranked_components(lesions)
     described = []
     for rank, component in enumerate(ranked):

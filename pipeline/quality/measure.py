@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from ldm.data.attributes import organ_mask, report_attributes, read_report, select_organ_key, short_ct_value
 from ldm.data.components import FACE_CONNECTIVITY, ranked_components, voxel_volume_mm3
 from ldm.data.organs import organ_name, to_v1
-from ldm.data.volume import CANONICAL_AXCODES, Geometry, read_geometry, read_label, read_volume
+from ldm.data.volume import Geometry, read_geometry, read_label, read_volume
 from ldm.errors import DataError
 from ldm.lesion import Request, Verdict, compare, describe_lesion
 from ldm.lesion.measure import interior_values
@@ -105,12 +104,6 @@ def _same_grid(reference: Geometry, other: Geometry, path: Path) -> None:
     if reference.shape_zyx != other.shape_zyx or not np.allclose(reference.affine, other.affine, atol=GRID_ATOL_MM):
         raise DataError(f"{path}: its voxel grid (shape {other.shape}) differs from the input CT's "
                         f"({reference.source}, shape {reference.shape}); every volume of a case must share one grid")
-
-
-def memory_axis_of_file_axes(geometry: Geometry) -> tuple[int, int, int]:
-    """For each file axis ``(i, j, k)``, the in-memory ``(z, y, x)`` axis holding it."""
-    to_canonical = ornt_transform(io_orientation(geometry.affine), axcodes2ornt(CANONICAL_AXCODES))
-    return tuple(2 - int(canonical) for canonical, _ in to_canonical)
 
 
 def _grown(box: tuple[slice, ...], margins, shape) -> tuple[slice, ...]:
@@ -231,7 +224,7 @@ def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, com
     # As LINet does, the organ entry is chosen on a window around the lesion.
     key = select_organ_key(report, local, None if volumes.seg is None else volumes.seg[window])
     request = lesion_request(report, key, report_path)
-    file_axes = memory_axis_of_file_axes(geometry)
+    file_axes = geometry.memory_axes
     voxel_mm3 = voxel_volume_mm3(geometry.affine)
     values = volumes.inpainted[window].astype(np.float64)
     voxels = int(local.sum())
