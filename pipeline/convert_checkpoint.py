@@ -127,7 +127,7 @@ def describe(path: str | Path, configs: Sequence[str | Path] = (), trust: bool |
     meta = content.get("metadata", {}) if path.suffix == SAFETENSORS_SUFFIX else content
     return {
         "path": str(path), "format": kind, "file_mb": round(path.stat().st_size / MEGABYTE, 1),
-        "tensors": len(tensors), "parameters": sum(value.numel() for value in tensors.values()),
+        "keys": len(state), "tensors": len(tensors), "parameters": sum(value.numel() for value in tensors.values()),
         "dtypes": sorted({str(value.dtype).replace("torch.", "") for value in tensors.values()}),
         "ema_tensors": len(ema),
         "ema_updates": int(tensors["model_ema.num_updates"]) if "model_ema.num_updates" in tensors else None,
@@ -144,8 +144,10 @@ def _listed(keys: list[str], limit: int = 8) -> str:
 
 def info_lines(info: Mapping[str, Any]) -> list[str]:
     """The ``--info`` report as text lines."""
-    lines = [f"{info['path']}: {info['format']}, {info['file_mb']} MB, {info['tensors']} tensors, "
-             f"{info['parameters']:,} values ({', '.join(info['dtypes'])})"]
+    extra = info["keys"] - info["tensors"]
+    extra_text = f" and {extra} non-tensor extra state entr{'y' if extra == 1 else 'ies'}" if extra else ""
+    lines = [f"{info['path']}: {info['format']}, {info['file_mb']} MB, {info['keys']} keys: {info['tensors']} "
+             f"tensors{extra_text}, {info['parameters']:,} values ({', '.join(info['dtypes'])})"]
     ema = (f"yes, {info['ema_tensors']} tensors (model_ema.*), {info['ema_updates']} updates"
            if info["ema_tensors"] else "no")
     lines.append(f"  EMA: {ema}")
