@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ldm.cli import run_command
 from ldm.errors import ConfigError
+from ldm.fileio import check_output_folder
 from ldm.util import resolve_path
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = _options(args)
     cwd = Path.cwd()
-    exp_dir = Path(resolve_path(args.exp_name, cwd))
+    exp_dir = check_output_folder(resolve_path(args.exp_name, cwd), "exp_name")
     seg_list = resolve_path(args.seg_list, cwd) if args.seg_list else None
     cases = read_cases(resolve_path(args.filelist, cwd), resolve_path(args.attributes, cwd), seg_list)
     reporter = make_reporter(args)

@@ -84,7 +84,10 @@ def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
     return lines
 
 
-def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult]) -> Path:
-    """Write the run report (options, then every case with its lesions) as JSON, atomically; returns ``path``."""
-    report = {"stage": stage, "options": options, "cases": [asdict(result) for result in results]}
+def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult],
+                     weights: dict[str, dict] | None = None) -> Path:
+    """Write the run report (options, the weight files with their sizes and sha256, then every case with its
+    lesions) as JSON, atomically; returns ``path``."""
+    report = {"stage": stage, "options": options, "weights": weights or {},
+              "cases": [asdict(result) for result in results]}
     return write_json_atomic(path, report, indent=1)
