@@ -60,3 +60,18 @@ def check_output_folder(path: str | os.PathLike, what: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path}: {existing} is not writable")
     return path
+
+
+def move_aside(path: str | os.PathLike, folder: str) -> Path:
+    """Move ``path`` into the sub-folder ``folder`` next to it (for inspection; nothing is deleted); an earlier file
+    of that name there is kept (``name~2``, ``name~3``...). Returns the new path."""
+    path = Path(path)
+    target = path.parent / folder / path.name
+    stem = path.name.split(".", 1)[0]
+    number = 2
+    while target.exists():
+        target = target.with_name(f"{stem}~{number}{path.name[len(stem):]}")
+        number += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return target
