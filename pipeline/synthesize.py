@@ -19,12 +19,9 @@ import argparse
 import hashlib
 import json
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
-
-import numpy as np
 
 from ldm.cli import find_config, parse_gpus, run_command
 from ldm.errors import ConfigError, DataError, MissingWeightsError
@@ -67,15 +64,18 @@ def _write_inputs(out: Path, cts: Sequence[Path], attributes: Mapping[str, str],
     return lists
 
 
-def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporter: str, spacing: Sequence[float],
-                    boxes_per_case: int, llm_base_url: str | None, llm_model: str | None, overwrite: bool,
-                    progress: bool, max_lesion_size: Sequence[int]) -> list[dict]:
-    """Run ``preprocess.py`` on the lists; returns its per-case records (input order)."""
+def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporter: str,
+                    spacing: Sequence[float] | None, boxes_per_case: int, llm_base_url: str | None,
+                    llm_model: str | None, overwrite: bool, progress: bool, max_lesion_size: Sequence[int],
+                    config_files: Sequence[str]) -> list[dict]:
+    """Run ``preprocess.py`` on the lists (``spacing`` None: the configs' training spacing); returns its per-case
+    records (input order)."""
     import preprocess
 
     argv = [str(lists["filelist"]), str(out), str(lists["attributes"]), "--seed", str(seed), "--reporter", reporter,
-            "--boxes-per-case", str(boxes_per_case), "--spacing", *[str(s) for s in spacing],
+            "--boxes-per-case", str(boxes_per_case), "--configs", *config_files,
             "--max-lesion-size", *[str(s) for s in max_lesion_size]]
+    argv += ["--spacing", *[str(s) for s in spacing]] if spacing is not None else []
     if "seg_list" in lists:
         argv += ["--seg-list", str(lists["seg_list"]), "--seg-version", seg_version]
     if llm_base_url:
@@ -136,23 +136,6 @@ def _stage_options(configs: Sequence, config_files: Sequence[str]) -> list:
         verify_weights(config, stage, config_file)
         options.append(parse_options(config.get("inference"), stage))
     return options
-
-
-def _spacing(spacing: Sequence[float] | None, options: Sequence) -> list[float]:
-    """``--spacing`` (x y z mm), by default the configs' ``inference.training_spacing_mm`` (else 1 mm); warns once
-    when a given spacing is off the training spacing."""
-    trained = next((option.training_spacing_mm for option in options if option.training_spacing_mm), None)
-    if spacing is None:
-        return list(trained[::-1]) if trained else [1.0]
-    if trained is not None:
-        given = np.broadcast_to(np.asarray(spacing, dtype=float)[::-1], (3,))
-        if np.abs(given - np.asarray(trained)).max() > options[0].spacing_tolerance_mm:
-            shown = " ".join(f"{value:g}" for value in spacing)
-            trained_shown = " x ".join(f"{value:g}" for value in trained)
-            warnings.warn(f"--spacing {shown} mm differs from the models' training spacing {trained_shown} mm "
-                          "(z, y, x; inference.training_spacing_mm): crops are in voxels, so lesions come out at "
-                          "another physical size; leave --spacing out to work at the training spacing")
-    return list(spacing)
 
 
 def _check_request(organ: str, wanted: Mapping[str, str]) -> None:
@@ -246,6 +229,7 @@ def synthesize(
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
     from inference.preflight import capacity_xyz
     from inference.runner import run_inference
+    from inference.spacing import command_spacing
     from preprocessing.standardise import as_spacing_xyz
     from quality.gate import gate_stage
 
@@ -257,14 +241,14 @@ def synthesize(
                for path, stage, checkpoint in zip(config_files, STAGES, (lmnet_ckpt, linet_ckpt))]
     check_required_files(*configs)
     options = _stage_options(configs, config_files)
-    spacing = _spacing(spacing, options)
+    given_spacing, spacing = spacing, command_spacing(spacing, options, warn=False)
     for config in configs:
         config.inference.training_spacing_mm = None
     weights = {stage: weight_records(config) for stage, config in zip(STAGES, configs)}
     bound = capacity_xyz(as_spacing_xyz(spacing), options[0].crop_size, options[1].crop_size, options[1].rim_mm)
     lists = _write_inputs(out, cts, wanted, segs)
-    records = _run_preprocess(out, lists, seg_version, seed, reporter, spacing, boxes_per_case, llm_base_url,
-                              llm_model, overwrite, progress, bound)
+    records = _run_preprocess(out, lists, seg_version, seed, reporter, given_spacing, boxes_per_case, llm_base_url,
+                              llm_model, overwrite, progress, bound, config_files)
     settings = {"cts": [str(ct) for ct in cts], "segs": [str(seg) for seg in segs or []], "wanted": wanted,
                 "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
                 "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model],

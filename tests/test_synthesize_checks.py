@@ -24,6 +24,7 @@ from inference import cli
 from inference.options import parse_options
 from inference.previews import write_lesion_preview
 from inference.runner import run_inference
+from inference.spacing import command_spacing
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_the_readme_example_with_the_demo_configs_runs_at_the_demo_spacing():
                                                  "--linet-config", "configs/demo/linet_test.yaml"])
     options = [parse_options(load_config([PIPELINE_DIR / "configs" / "demo" / f"{stage}_test.yaml"]).inference, stage)
                for stage in ("lmnet", "linet")]
-    assert args.spacing is None and synthesize._spacing(args.spacing, options) == [2.0, 2.0, 2.0]
+    assert args.spacing is None and command_spacing(args.spacing, options) == [2.0, 2.0, 2.0]
 
 
 def test_a_truncated_or_wrong_checkpoint_fails_before_any_work_naming_its_stage(configs, tmp_path):
@@ -199,3 +200,18 @@ def test_a_case_that_fails_after_writing_leaves_no_output_in_its_folder(phantom_
     assert set(moved) >= {"failed_image", "failed_label"}
     for path in moved.values():
         assert path.startswith(str(case_dir / "failed")) and nib.load(path).shape == (64, 64, 32)
+
+
+def test_preprocess_takes_its_default_spacing_from_the_configs(tmp_path):
+    ct, seg = example()
+    for name, text in (("cts", f"{ct}\n"), ("segs", f"{seg}\n"),
+                       ("attributes", '{"organ type": "liver", "lesion type": "cyst"}\n')):
+        (tmp_path / f"{name}.txt").write_text(text)
+    demo = [str(PIPELINE_DIR / "configs" / "demo" / f"{stage}_test.yaml") for stage in ("lmnet", "linet")]
+    argv = [str(tmp_path / "cts.txt"), str(tmp_path / "exp"), str(tmp_path / "attributes.txt"), "--seg-list",
+            str(tmp_path / "segs.txt"), "--seg-version", "v2", "--no-progress", "--configs", *demo]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert preprocess.main(argv) == 0
+    assert not [w for w in caught if "spacing" in str(w.message)]
+    assert nib.load(tmp_path / "exp" / "example_ct_sm" / "ct.nii.gz").header.get_zooms() == (2.0, 2.0, 2.0)
