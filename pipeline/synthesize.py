@@ -3,14 +3,16 @@
     python pipeline/synthesize.py --ct CT.nii.gz [CT2.nii.gz ...] --organ liver --lesion cyst --out DIR \
         [--attributes '{"density": "hypodense lesion"}'] [--seg SEG.nii.gz ...] [--seg-version v2] \
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
+        [--lmnet-ckpt PATH] [--linet-ckpt PATH] [--set [lmnet.|linet.]KEY=VALUE ...] [--spacing MM] \
         [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1]
 
 Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
 affine, data type and scaling, unchanged beyond a thin rim around the lesions) and ``inpainting_0_label.nii.gz``
 (0 background, 1 organ, 2 lesion, same grid), a PNG preview, plus everything ``preprocess.py`` and ``test.py``
 write, and prints a table of what was written with each lesion's warnings. Before any model runs, the weights of
-both configs are checked, the reports are bounded by what the crops hold, and every case is checked (files, crop
-fit, box inside the organ). An identical rerun without ``--overwrite`` reuses the results (``DIR/synthesize.json``).
+both configs are opened and matched with their models, the reports are bounded by what the crops hold, and every
+case is checked (files, crop fit, box inside the organ, room for the rim). An identical rerun without
+``--overwrite`` reuses the results (``DIR/synthesize.json``, which also records each checkpoint's sha256).
 The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
 """
 from __future__ import annotations
@@ -105,7 +107,7 @@ def stage_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
 def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, overrides: Sequence[str],
                   overwrite: bool, progress: bool, checkpoint: str | Path | None = None):
     """The merged test config of one stage, pointed at the experiment folder ``out`` (and at ``checkpoint``
-    when given). Synthesis checks the spacing itself, once: the stage's own check is switched off."""
+    when given)."""
     settings = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
     if steps is not None:
         settings.append(f"inference.ddim_steps={steps}")
@@ -242,6 +244,8 @@ def synthesize(
     check_required_files(*configs)
     options = _stage_options(configs, config_files)
     given_spacing, spacing = spacing, command_spacing(spacing, options, warn=False)
+    # preprocess.py resamples to that spacing and warns once when it is off the training spacing: the stages'
+    # own check of the same thing would only repeat it.
     for config in configs:
         config.inference.training_spacing_mm = None
     weights = {stage: weight_records(config) for stage, config in zip(STAGES, configs)}

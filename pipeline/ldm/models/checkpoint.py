@@ -258,7 +258,8 @@ def fit_state(state: Mapping[str, Any], own: Mapping[str, tuple | None], ignore_
         details = [f"{title}: {_listed(keys)}" for title, keys in
                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
         raise MissingWeightsError(f"{source}: does not fit the model ({'; '.join(details)})")
-    return fitting, missing + ignored_missing + tolerated_missing, unexpected + ignored_unexpected + tolerated_unexpected
+    skipped_missing = missing + ignored_missing + tolerated_missing
+    return fitting, skipped_missing, unexpected + ignored_unexpected + tolerated_unexpected
 
 
 def load_weights(
