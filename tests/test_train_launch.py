@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from test_train_resume import SignalAt, lmnet_argv
+from test_train_resume import lmnet_argv
 
 import main
 from ldm.runs import resumed_seed
