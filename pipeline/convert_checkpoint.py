@@ -26,14 +26,14 @@ from typing import Any, Mapping, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
 from ldm.cli import find_config, run_command  # noqa: E402
 from ldm.errors import DataError  # noqa: E402
 from ldm.fileio import atomic_path  # noqa: E402
 from ldm.models.checkpoint import (  # noqa: E402
-    SAFETENSORS_SUFFIX, TEST_ONLY_PREFIXES, encode_extra_state, read_checkpoint, state_dict_of, version_dependent)
-from ldm.util import instantiate_from_config, load_config  # noqa: E402
+    SAFETENSORS_SUFFIX, TEST_ONLY_PREFIXES, encode_extra_state, model_key_shapes, read_checkpoint, state_dict_of,
+    tensor_shape, version_dependent)
+from ldm.util import load_config  # noqa: E402
 
 # Our own models, by name: the config they are built from and key prefixes a file may hold beyond the model
 # (a VQ training checkpoint holds its loss: LPIPS and discriminators, which inference never builds).
@@ -68,26 +68,7 @@ class Fit:
 
 def model_shapes(config_file: str | Path) -> dict[str, tuple]:
     """Key -> shape of the ``model`` of a config, built on the meta device without reading any weight file."""
-    model_config = load_config([find_config(config_file)]).model
-    _drop_weight_files(model_config)
-    with torch.device("meta"):
-        model = instantiate_from_config(model_config, key_path="model")
-    return {key: _shape(value) for key, value in model.state_dict().items()}
-
-
-def _shape(value: Any) -> tuple | None:
-    """A tensor's shape; ``None`` for the non-tensor extra state a module may save (a phrase map)."""
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def _drop_weight_files(model_config: DictConfig) -> None:
-    """Unset the checkpoints of a model block and leave out its training loss, in place."""
-    params = model_config.params
-    params.ckpt_path = None
-    if "lossconfig" in params:
-        params.lossconfig = {"target": "torch.nn.Identity"}
-    if isinstance(params.get("first_stage_config"), DictConfig):
-        params.first_stage_config.params.ckpt_path = None
+    return model_key_shapes(load_config([find_config(config_file)]).model)
 
 
 def fit(state: Mapping[str, Any], name: str, config: str, shapes: Mapping[str, tuple],
@@ -99,8 +80,8 @@ def fit(state: Mapping[str, Any], name: str, config: str, shapes: Mapping[str, t
             result.skipped.append(key)
         elif key not in shapes:
             result.unexpected.append(key)
-        elif _shape(value) != shapes[key]:
-            result.mismatched.append(f"{key} {_shape(value)} vs {shapes[key]}")
+        elif tensor_shape(value) != shapes[key]:
+            result.mismatched.append(f"{key} {tensor_shape(value)} vs {shapes[key]}")
     result.missing = [key for key in shapes if key not in state and not version_dependent(key)]
     return result
 
@@ -127,7 +108,7 @@ def describe(path: str | Path, configs: Sequence[str | Path] = (), trust: bool |
     meta = content.get("metadata", {}) if path.suffix == SAFETENSORS_SUFFIX else content
     return {
         "path": str(path), "format": kind, "file_mb": round(path.stat().st_size / MEGABYTE, 1),
-        "tensors": len(tensors), "parameters": sum(value.numel() for value in tensors.values()),
+        "keys": len(state), "tensors": len(tensors), "parameters": sum(value.numel() for value in tensors.values()),
         "dtypes": sorted({str(value.dtype).replace("torch.", "") for value in tensors.values()}),
         "ema_tensors": len(ema),
         "ema_updates": int(tensors["model_ema.num_updates"]) if "model_ema.num_updates" in tensors else None,
@@ -144,8 +125,10 @@ def _listed(keys: list[str], limit: int = 8) -> str:
 
 def info_lines(info: Mapping[str, Any]) -> list[str]:
     """The ``--info`` report as text lines."""
-    lines = [f"{info['path']}: {info['format']}, {info['file_mb']} MB, {info['tensors']} tensors, "
-             f"{info['parameters']:,} values ({', '.join(info['dtypes'])})"]
+    extra = info["keys"] - info["tensors"]
+    extra_text = f" and {extra} non-tensor extra state entr{'y' if extra == 1 else 'ies'}" if extra else ""
+    lines = [f"{info['path']}: {info['format']}, {info['file_mb']} MB, {info['keys']} keys: {info['tensors']} "
+             f"tensors{extra_text}, {info['parameters']:,} values ({', '.join(info['dtypes'])})"]
     ema = (f"yes, {info['ema_tensors']} tensors (model_ema.*), {info['ema_updates']} updates"
            if info["ema_tensors"] else "no")
     lines.append(f"  EMA: {ema}")

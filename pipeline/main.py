@@ -22,8 +22,10 @@ import copy
 import importlib.util
 import netrc
 import os
+import shlex
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E40
 from ldm.callbacks import LastCheckpoint, SetupCallback  # noqa: E402
 from ldm.cli import parse_gpus, split_overrides  # noqa: E402
 from ldm.distributed import detect_launch  # noqa: E402
-from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
+from ldm.errors import ConfigError, DataError, LesionDiffusionError, MissingWeightsError  # noqa: E402
 from ldm.models.checkpoint import checkpoint_trust, lightning_allow_list  # noqa: E402
 from ldm.runs import (  # noqa: E402
     DEFAULT_EVERY_N_TRAIN_STEPS, RunPaths, every_n_train_steps, record_plan, resolve_run, run_seed,
@@ -55,6 +57,12 @@ DEFAULT_CALLBACKS = {
     "resources": {"target": "ldm.callbacks.ResourceMonitor"},
 }
 CADENCE_HELP = f"lightning.modelcheckpoint.params.every_n_train_steps of the config, else {DEFAULT_EVERY_N_TRAIN_STEPS}"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "data"
+DEMO_DATA_HINT = "the demo's data is made by: python demo/make_phantoms.py --out demo/data (from the repository root)"
+# Lightning warns when a run resumes mid-epoch with a loader that cannot replay the rest of that epoch. Our training
+# datasets draw random crops, and a resumed run is seeded from --seed and the step (ldm.runs.run_seed): the rest of
+# the epoch is a fresh draw by design, which the info line printed at resume says instead.
+MID_EPOCH_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 VQ_TRAINING_HINT = ("train one first: python main.py --base configs/autoencoder/lesiondiffusion_vq.yaml -t --name vq "
                     "(tiny CPU demo: --base configs/demo/vq.yaml), then set first_stage_config.params.ckpt_path to "
                     "<logdir>/vq/checkpoints/last.ckpt or copy that file to the configured path")
@@ -182,6 +190,42 @@ def check_first_stage(model_config: DictConfig) -> None:
     raise MissingWeightsError(f"model.params.first_stage_config.params.ckpt_path: {problem}; {VQ_TRAINING_HINT}")
 
 
+def check_data(data: pl.LightningDataModule, train: bool) -> None:
+    """Build the datasets the run needs now, before anything is written, so that a missing list fails at once;
+    a missing demo list says how to make it."""
+    try:
+        data.setup("fit" if train else "validate")
+    except DataError as error:
+        if str(DEMO_DATA) in str(error):
+            raise DataError(f"{error}; {DEMO_DATA_HINT}") from None
+        raise
+
+
+def launcher_command() -> list[str]:
+    """The command that started this run, up to and including the script (``torchrun ... main.py`` under
+    torchrun, read from the launcher's command line; ``python main.py`` otherwise)."""
+    script = [sys.argv[0] if sys.argv and sys.argv[0].endswith("main.py") else "main.py"]
+    if detect_launch().launcher == "torchrun":
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+            words = [word.decode() for word in parent if word]
+        except (OSError, UnicodeDecodeError):
+            words = []
+        ours = Path(script[0]).resolve()
+        for index, word in enumerate(words):
+            if word.endswith(".py") and Path(word).resolve() == ours:
+                return words[: index + 1]
+        return ["torchrun", "...", *script]
+    if under_slurm():
+        return ["srun", "python", *script]
+    return ["python", *script]
+
+
+def is_reporting_process() -> bool:
+    """True in the process that prints for its node: the only one, or local rank 0 under a launcher."""
+    return detect_launch().local_rank == 0
+
+
 def weights_from_resume(model_config: DictConfig) -> DictConfig:
     """A copy of the model block without initial checkpoints: a resumed run takes every weight from its own."""
     model_config = copy.deepcopy(model_config)
@@ -280,7 +324,8 @@ class Run:
         """Train (or, with ``-t false``, validate), resuming from the run's checkpoint when there is one."""
         checkpoint = str(self.paths.resume_checkpoint) if self.paths.resume_checkpoint else None
         trust = bool(self.config.get("trust_checkpoint", False))
-        with checkpoint_trust(trust), lightning_allow_list(trust):
+        with checkpoint_trust(trust), lightning_allow_list(trust), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=MID_EPOCH_WARNING)
             if self.train:
                 self.trainer.fit(self.model, datamodule=self.data, ckpt_path=checkpoint, weights_only=not trust)
             else:
@@ -299,13 +344,15 @@ def prepare(opt: argparse.Namespace, overrides: list[str]) -> Run:
     trainer_config = OmegaConf.to_container(lightning.get("trainer") or OmegaConf.create(), resolve=True)
     seed = seed_everything(run_seed(opt.seed, paths.resume_checkpoint, bool(config.get("trust_checkpoint", False))))
     if paths.resume_checkpoint is not None:
-        rank_zero_info(f"Resumed run: seed {seed}, from --seed {opt.seed} and the checkpoint's global step")
+        rank_zero_info(f"Resumed run: seed {seed}, from --seed {opt.seed} and the checkpoint's global step; a run "
+                       "stopped mid-epoch draws new random crops for the rest of that epoch (not a replay)")
     if paths.resume_checkpoint is None:
         check_first_stage(config.model)
     model_config = weights_from_resume(config.model) if paths.resume_checkpoint else config.model
     with checkpoint_trust(bool(config.get("trust_checkpoint", False))):
         model = instantiate_from_config(model_config, key_path="model")
     data = instantiate_from_config(config.data, key_path="data")
+    check_data(data, opt.train)
     logger = build_logger(opt.logger, paths.run_dir)
     settings = trainer_settings(opt, trainer_config, manual_optimization=not model.automatic_optimization)
     if under_slurm() and "plugins" not in settings:
@@ -333,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     except LesionDiffusionError as error:
         if opt.debug:
             raise
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}main.py: error: {error}", file=sys.stderr)
+        # Every process of a launch meets the same input: one line per node (its local rank 0) is enough.
+        if is_reporting_process():
+            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+            prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+            print(f"{prefix}main.py: error: {error}", file=sys.stderr)
         return 1
     except SIGTERMException:
-        print(f"main.py: stopped by SIGTERM; continue with python main.py --resume {run.paths.run_dir}",
-              file=sys.stderr)
+        if is_reporting_process():
+            command = shlex.join([*launcher_command(), "--resume", str(run.paths.run_dir)])
+            print(f"main.py: stopped by SIGTERM; last.ckpt is saved; continue with: {command}", file=sys.stderr)
         return 128 + signal.SIGTERM
     return 0
 

@@ -20,12 +20,15 @@ from typing import TYPE_CHECKING
 
 from ldm.cli import run_command
 from ldm.errors import ConfigError
+from ldm.fileio import check_output_folder
 from ldm.util import resolve_path
 
 if TYPE_CHECKING:
     from ldm.distributed import Launch
 
 DEFAULT_SPACING_MM = 1.0
+# The test configs whose crops bound the reports and whose training spacing is the default --spacing.
+RELEASE_TEST_CONFIGS = ("configs/diffusion/maskdiffusion_test.yaml", "configs/diffusion/lesiondiffusion_test.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--llm-temperature", type=float, default=0.7)
     report.add_argument("--llm-max-tokens", type=int, default=2048)
     report.add_argument("--llm-timeout", type=float, default=120.0, help="seconds per request")
-    parser.add_argument("--spacing", type=float, nargs="+", default=[DEFAULT_SPACING_MM],
-                        help="target voxel size in mm: one value, or three (x y z of the LPS grid). Inference works in "
-                             "voxels: a spacing other than the model's training spacing (1 mm for the released "
-                             "models) changes the physical size of the lesions, and test.py warns about it")
+    parser.add_argument("--spacing", type=float, nargs="+",
+                        help="target voxel size in mm: one value, or three (x y z of the LPS grid); default: the "
+                             "--configs' inference.training_spacing_mm (1 mm for the released models). Inference "
+                             "works in voxels: another spacing changes the physical size of the lesions (warned)")
+    parser.add_argument("--configs", nargs=2, metavar=("LMNET_TEST.yaml", "LINET_TEST.yaml"),
+                        default=list(RELEASE_TEST_CONFIGS),
+                        help="the test configs the cases are prepared for: their training spacing and crops")
     parser.add_argument("--max-lesion-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                         help="largest lesion (voxels of the standardised grid) a report may ask for; default: what "
-                             "the release test configs' crops hold at --spacing with the 2 mm blend rim")
+                             "the --configs' crops hold at --spacing with their blend rim")
     parser.add_argument("--boxes-per-case", type=int, default=1,
                         help="lesion boxes per CT (inference uses at most its max_mask_num, 3 in the release configs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reports and the box positions")
@@ -87,7 +93,11 @@ def make_reporter(args: argparse.Namespace):
 
 
 def _options(args: argparse.Namespace):
+    from inference.options import parse_options
     from inference.preflight import capacity_xyz
+    from inference.spacing import command_spacing
+    from ldm.cli import find_config
+    from ldm.util import load_config
     from preprocessing.case import PreprocessOptions
     from preprocessing.standardise import as_spacing_xyz
 
@@ -95,8 +105,12 @@ def _options(args: argparse.Namespace):
                                  ("--seg-workers", args.seg_workers, 1)):
         if value < minimum:
             raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
-    spacing_xyz = as_spacing_xyz(args.spacing)
-    bound = tuple(args.max_lesion_size) if args.max_lesion_size else capacity_xyz(spacing_xyz)
+    stages = [parse_options(load_config([find_config(path)]).get("inference"), stage)
+              for path, stage in zip(args.configs, ("lmnet", "linet"))]
+    spacing_xyz = as_spacing_xyz(command_spacing(args.spacing, stages, DEFAULT_SPACING_MM))
+    lmnet, linet = stages
+    bound = tuple(args.max_lesion_size) if args.max_lesion_size else capacity_xyz(
+        spacing_xyz, lmnet.crop_size, linet.crop_size, linet.rim_mm)
     if min(bound) < 1:
         raise ConfigError(f"--max-lesion-size must be positive, got {list(bound)}")
     return PreprocessOptions(spacing_xyz=spacing_xyz, max_lesion_size_xyz=bound, seg_version=args.seg_version,
@@ -136,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = _options(args)
     cwd = Path.cwd()
-    exp_dir = Path(resolve_path(args.exp_name, cwd))
+    exp_dir = check_output_folder(resolve_path(args.exp_name, cwd), "exp_name")
     seg_list = resolve_path(args.seg_list, cwd) if args.seg_list else None
     cases = read_cases(resolve_path(args.filelist, cwd), resolve_path(args.attributes, cwd), seg_list)
     reporter = make_reporter(args)

@@ -3,14 +3,16 @@
     python pipeline/synthesize.py --ct CT.nii.gz [CT2.nii.gz ...] --organ liver --lesion cyst --out DIR \
         [--attributes '{"density": "hypodense lesion"}'] [--seg SEG.nii.gz ...] [--seg-version v2] \
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
+        [--lmnet-ckpt PATH] [--linet-ckpt PATH] [--set [lmnet.|linet.]KEY=VALUE ...] [--spacing MM] \
         [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1]
 
 Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
 affine, data type and scaling, unchanged beyond a thin rim around the lesions) and ``inpainting_0_label.nii.gz``
 (0 background, 1 organ, 2 lesion, same grid), a PNG preview, plus everything ``preprocess.py`` and ``test.py``
 write, and prints a table of what was written with each lesion's warnings. Before any model runs, the weights of
-both configs are checked, the reports are bounded by what the crops hold, and every case is checked (files, crop
-fit, box inside the organ). An identical rerun without ``--overwrite`` reuses the results (``DIR/synthesize.json``).
+both configs are opened and matched with their models, the reports are bounded by what the crops hold, and every
+case is checked (files, crop fit, box inside the organ, room for the rim). An identical rerun without
+``--overwrite`` reuses the results (``DIR/synthesize.json``, which also records each checkpoint's sha256).
 The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
 """
 from __future__ import annotations
@@ -24,14 +26,16 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ldm.cli import find_config, parse_gpus, run_command
-from ldm.errors import ConfigError
-from ldm.fileio import write_json_atomic, write_text_atomic
+from ldm.errors import ConfigError, DataError, MissingWeightsError
+from ldm.fileio import check_output_folder, write_json_atomic, write_text_atomic
 from ldm.util import load_config, resolve_path
 from inference.required_files import check_required_files
+from inference.weights import weight_records
 
 DEFAULT_LMNET_CONFIG = "configs/diffusion/maskdiffusion_test.yaml"
 DEFAULT_LINET_CONFIG = "configs/diffusion/lesiondiffusion_test.yaml"
 RUN_RECORD = "synthesize.json"
+STAGES = ("lmnet", "linet")
 
 
 @dataclass
@@ -62,15 +66,18 @@ def _write_inputs(out: Path, cts: Sequence[Path], attributes: Mapping[str, str],
     return lists
 
 
-def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporter: str, spacing: Sequence[float],
-                    boxes_per_case: int, llm_base_url: str | None, llm_model: str | None, overwrite: bool,
-                    progress: bool, max_lesion_size: Sequence[int]) -> list[dict]:
-    """Run ``preprocess.py`` on the lists; returns its per-case records (input order)."""
+def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporter: str,
+                    spacing: Sequence[float] | None, boxes_per_case: int, llm_base_url: str | None,
+                    llm_model: str | None, overwrite: bool, progress: bool, max_lesion_size: Sequence[int],
+                    config_files: Sequence[str]) -> list[dict]:
+    """Run ``preprocess.py`` on the lists (``spacing`` None: the configs' training spacing); returns its per-case
+    records (input order)."""
     import preprocess
 
     argv = [str(lists["filelist"]), str(out), str(lists["attributes"]), "--seed", str(seed), "--reporter", reporter,
-            "--boxes-per-case", str(boxes_per_case), "--spacing", *[str(s) for s in spacing],
+            "--boxes-per-case", str(boxes_per_case), "--configs", *config_files,
             "--max-lesion-size", *[str(s) for s in max_lesion_size]]
+    argv += ["--spacing", *[str(s) for s in spacing]] if spacing is not None else []
     if "seg_list" in lists:
         argv += ["--seg-list", str(lists["seg_list"]), "--seg-version", seg_version]
     if llm_base_url:
@@ -83,31 +90,66 @@ def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporte
     return json.loads((out / "preprocess_report.json").read_text())["cases"]
 
 
+def stage_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
+    """The ``--set`` overrides of each stage: ``lmnet.KEY=V`` / ``linet.KEY=V`` for that stage only (as
+    ``KEY=V``), any other ``KEY=V`` for both."""
+    per_stage = {stage: [] for stage in STAGES}
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        for stage in per_stage:
+            if head not in STAGES:
+                per_stage[stage].append(item)
+            elif head == stage and rest:
+                per_stage[stage].append(rest)
+    return per_stage
+
+
 def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, overrides: Sequence[str],
-                  overwrite: bool, progress: bool):
-    """The merged test config of one stage, pointed at the experiment folder ``out``."""
-    stage_overrides = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
+                  overwrite: bool, progress: bool, checkpoint: str | Path | None = None):
+    """The merged test config of one stage, pointed at the experiment folder ``out`` (and at ``checkpoint``
+    when given)."""
+    settings = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
     if steps is not None:
-        stage_overrides.append(f"inference.ddim_steps={steps}")
+        settings.append(f"inference.ddim_steps={steps}")
     if not progress:
-        stage_overrides.append("inference.progress=false")
-    return load_config([config_file], [*stage_overrides, *overrides])
+        settings.append("inference.progress=false")
+    config = load_config([config_file], [*settings, *overrides])
+    if checkpoint is not None:
+        config.model.params.ckpt_path = resolve_path(checkpoint, Path.cwd())
+    return config
 
 
-def _stage_options(configs: Sequence) -> list:
-    """The checked ``inference:`` options of the LMNet and LINet configs; MissingWeightsError before anything runs
-    when a checkpoint is absent."""
+def _stage_options(configs: Sequence, config_files: Sequence[str]) -> list:
+    """The checked ``inference:`` options of the LMNet and LINet configs. Before anything runs, every checkpoint
+    is opened and matched with its model: MissingWeightsError naming the stage and the config otherwise."""
     from inference.options import parse_options
     from inference.runner import check_weights, config_stage
+    from inference.weights import verify_weights
 
     options = []
-    for config, expected in zip(configs, ("lmnet", "linet")):
+    for config, config_file, expected in zip(configs, config_files, STAGES):
         stage = config_stage(config)
         if stage != expected:
             raise ConfigError(f"the --{expected}-config is a {stage} config")
-        check_weights(config)
+        try:
+            check_weights(config)
+        except MissingWeightsError as error:
+            raise MissingWeightsError(f"{stage} ({config_file}): {error}") from None
+        verify_weights(config, stage, config_file)
         options.append(parse_options(config.get("inference"), stage))
     return options
+
+
+def _check_request(organ: str, wanted: Mapping[str, str]) -> None:
+    """The organ and attributes asked for, checked before anything is written; the error names the flag."""
+    from ldm.data.organs import organ_id
+    from preprocessing.user_attributes import interpret_attributes
+
+    try:
+        organ_id(organ)
+    except DataError as error:
+        raise ConfigError(f"--organ: {error}") from None
+    interpret_attributes(dict(wanted), "--attributes")
 
 
 def _fingerprint(settings: dict, config_files: Sequence[str], out: Path, case_ids: Sequence[str]) -> str:
@@ -160,7 +202,7 @@ def synthesize(
     linet_config: str | Path = DEFAULT_LINET_CONFIG,
     seed: int = 0,
     reporter: str = "offline",
-    spacing: Sequence[float] = (1.0,),
+    spacing: Sequence[float] | None = None,
     boxes_per_case: int = 1,
     steps: int | None = None,
     gpus: Sequence[int] = (),
@@ -169,14 +211,18 @@ def synthesize(
     llm_model: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    lmnet_ckpt: str | Path | None = None,
+    linet_ckpt: str | Path | None = None,
 ) -> list[SynthesisRow]:
     """Synthesise ``lesion`` lesions in ``organ`` of every CT; returns one row per CT, in input order.
 
     ``attributes`` fixes report attributes (e.g. ``{"density": "hypodense lesion"}``); ``segs`` gives organ
     segmentations instead of running TotalSegmentator; ``overrides`` (``inference.key=value``) apply to both
-    stages. A CT that fails at any stage is reported in its row; the others go on.
+    stages, ``lmnet.KEY=V`` / ``linet.KEY=V`` to one; ``lmnet_ckpt`` / ``linet_ckpt`` replace a stage's checkpoint;
+    ``spacing`` (mm) defaults to the configs' ``inference.training_spacing_mm``. A CT that fails at any stage is
+    reported in its row; the others go on.
     """
-    out = Path(resolve_path(out, Path.cwd()))
+    out = check_output_folder(resolve_path(out, Path.cwd()), "--out")
     cts = [Path(resolve_path(ct, Path.cwd())) for ct in cts]
     if not cts:
         raise ConfigError("no CT given: pass at least one --ct")
@@ -185,21 +231,32 @@ def synthesize(
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
     from inference.preflight import capacity_xyz
     from inference.runner import run_inference
+    from inference.spacing import command_spacing
     from preprocessing.standardise import as_spacing_xyz
     from quality.gate import gate_stage
 
-    config_files = find_config(lmnet_config), find_config(linet_config)
-    configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress) for path in config_files]
-    check_required_files(*configs)
-    options = _stage_options(configs)
-    bound = capacity_xyz(as_spacing_xyz(spacing), options[0].crop_size, options[1].crop_size, options[1].rim_mm)
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
+    _check_request(organ, wanted)
+    config_files = find_config(lmnet_config), find_config(linet_config)
+    per_stage = stage_overrides(overrides)
+    configs = [_stage_config(path, out, seed, steps, per_stage[stage], overwrite, progress, checkpoint)
+               for path, stage, checkpoint in zip(config_files, STAGES, (lmnet_ckpt, linet_ckpt))]
+    check_required_files(*configs)
+    options = _stage_options(configs, config_files)
+    given_spacing, spacing = spacing, command_spacing(spacing, options, warn=False)
+    # preprocess.py resamples to that spacing and warns once when it is off the training spacing: the stages'
+    # own check of the same thing would only repeat it.
+    for config in configs:
+        config.inference.training_spacing_mm = None
+    weights = {stage: weight_records(config) for stage, config in zip(STAGES, configs)}
+    bound = capacity_xyz(as_spacing_xyz(spacing), options[0].crop_size, options[1].crop_size, options[1].rim_mm)
     lists = _write_inputs(out, cts, wanted, segs)
-    records = _run_preprocess(out, lists, seg_version, seed, reporter, spacing, boxes_per_case, llm_base_url,
-                              llm_model, overwrite, progress, bound)
+    records = _run_preprocess(out, lists, seg_version, seed, reporter, given_spacing, boxes_per_case, llm_base_url,
+                              llm_model, overwrite, progress, bound, config_files)
     settings = {"cts": [str(ct) for ct in cts], "segs": [str(seg) for seg in segs or []], "wanted": wanted,
                 "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
-                "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model]}
+                "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model],
+                "weights": weights}
     fingerprint = _fingerprint(settings, config_files, out, [record["case_id"] for record in records])
     reused = None if overwrite else _reusable(out, fingerprint)
     if reused is not None:
@@ -225,7 +282,8 @@ def synthesize(
                 row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
             else:
                 row.stage, row.error = stage, result.error
-    write_json_atomic(out / RUN_RECORD, {"fingerprint": fingerprint, "rows": [asdict(row) for row in rows]}, indent=1)
+    write_json_atomic(out / RUN_RECORD, {"fingerprint": fingerprint, "weights": weights,
+                                         "rows": [asdict(row) for row in rows]}, indent=1)
     return rows
 
 
@@ -261,12 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reporter", choices=("offline", "llm"), default="offline", help="who writes the report")
     parser.add_argument("--llm-base-url", help="OpenAI-compatible base URL for --reporter llm")
     parser.add_argument("--llm-model", help="model name for --reporter llm")
-    parser.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="standardised voxel size (mm)")
+    parser.add_argument("--lmnet-ckpt", help="LMNet checkpoint (.ckpt or .safetensors) instead of the config's")
+    parser.add_argument("--linet-ckpt", help="LINet checkpoint (.ckpt or .safetensors) instead of the config's")
+    parser.add_argument("--spacing", type=float, nargs="+",
+                        help="standardised voxel size (mm; default: the configs' inference.training_spacing_mm, "
+                             "else 1)")
     parser.add_argument("--boxes-per-case", type=int, default=1, help="lesions per CT")
     parser.add_argument("--steps", type=int, help="DDIM steps of both stages (default: the configs')")
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,1")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides for both test configs, e.g. inference.guidance_scale=2")
+                        help="overrides for both test configs, e.g. inference.guidance_scale=2; lmnet.KEY=V or "
+                             "linet.KEY=V for one, e.g. linet.inference.rim_mm=3")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="read checkpoints with full unpickling (may run code from the file)")
     parser.add_argument("--overwrite", action="store_true", help="redo work already done in --out")
@@ -288,11 +351,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--attributes is not valid JSON ({error})") from None
     if not isinstance(attributes, dict):
         raise ConfigError(f"--attributes {args.attributes!r}: expected a JSON object")
-    rows = synthesize(args.ct, args.organ, args.lesion, args.out, attributes, args.seg, args.seg_version,
-                      args.lmnet_config, args.linet_config, args.seed, args.reporter, args.spacing,
-                      args.boxes_per_case, args.steps, parse_gpus(args.gpus),
-                      args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
-                      args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress)
+    rows = synthesize(args.ct, args.organ, args.lesion, args.out, attributes=attributes, segs=args.seg,
+                      seg_version=args.seg_version, lmnet_config=args.lmnet_config, linet_config=args.linet_config,
+                      seed=args.seed, reporter=args.reporter, spacing=args.spacing,
+                      boxes_per_case=args.boxes_per_case, steps=args.steps, gpus=parse_gpus(args.gpus),
+                      overrides=args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
+                      llm_base_url=args.llm_base_url, llm_model=args.llm_model, overwrite=args.overwrite,
+                      progress=not args.no_progress, lmnet_ckpt=args.lmnet_ckpt, linet_ckpt=args.linet_ckpt)
     print("\n".join(table(rows)))
     return 0 if all(row.ok for row in rows) else 1
 

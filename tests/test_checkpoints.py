@@ -139,6 +139,17 @@ def test_info_names_the_model_a_file_fits_and_the_keys_that_would_not_load(demo,
     assert "missing from the file: model.out.2.weight" in printed and "not in the model: model.extra.weight" in printed
 
 
+def test_info_counts_the_same_keys_on_every_line(demo, capsys):
+    state = read_checkpoint(demo["lmnet"])["state_dict"]
+    extra = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    assert extra, "the demo LMNet's vocabulary encoder keeps its phrase map as extra state"
+    assert convert_checkpoint.main(["--info", str(demo["lmnet"])]) == 0
+    printed = capsys.readouterr().out
+    counts = {int(count) for count in re.findall(r"(\d+) keys", printed)}
+    assert counts == {len(state)}, printed
+    assert f"{len(state) - len(extra)} tensors and {len(extra)} non-tensor extra state" in printed
+
+
 def test_version_dependent_keys_are_skipped_with_a_note_and_nothing_else():
     holder = torch.nn.Module()
     holder.cond_stage_model = BiomedCLIPTextEncoder(bert_config=dict(vocab_size=64, hidden_size=8,

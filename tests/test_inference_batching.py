@@ -1,6 +1,9 @@
 """Batched sampling: per-item generators give each item the noise it gets alone, a batch of lesions sampled together
 equals them sampled one by one (fp32 rounding), and cases in flight share UNet batches with the outputs of a
 one-by-one run."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from test_inference_fixtures import (inference_config, model_block, phantom_data
 from ldm.data.volume import read_label, read_volume
 from ldm.models.diffusion.samplers import randn
 from ldm.util import instantiate_from_config, make_generator
-from inference.batching import run_cases
+from inference.batching import BatchingModel, run_cases
 from inference.cases import read_cases
 from inference.linet import inpaint_case
 from inference.lmnet import sample_case
@@ -95,3 +98,32 @@ def test_cases_in_flight_share_batches_and_match_one_by_one(experiment, stage):
         else:
             np.testing.assert_allclose(read_volume(alone.outputs[key])[0], read_volume(together.outputs[key])[0],
                                        atol=1.0)  # HU; stored as integers: rounding may move a voxel by 1
+
+
+def test_a_batch_that_raises_is_retried_item_by_item_and_the_error_lands_on_its_case():
+    torch.manual_seed(0)
+    model = instantiate_from_config(model_block("lmnet"))
+    randomise(model)
+    model.eval()
+    context = model.encode_context([{"shape": "round-like,"}, {"shape": "irregular,"}, {"density": "low density,"}])
+    masks = [(torch.rand(1, 3, 8, 16, 16) > 0.5).float() for _ in range(3)]
+    masks[1] = masks[1].to("meta")    # same shape and dtype, so it joins the batch; the batch cannot be assembled
+    settings = dict(steps=2, eta=1.0, guidance_scale=1.0)
+    batching = BatchingModel(model, batch_size=3)
+    everyone_in_flight = threading.Barrier(3)
+
+    def one_case(item: int):
+        with batching.case():
+            everyone_in_flight.wait()
+            return batching.sample(masks[item], context[item:item + 1], generator=make_generator(20 + item),
+                                   **settings)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(one_case, item) for item in range(3)]
+    with pytest.raises(Exception) as raised:
+        futures[1].result()
+    assert "meta" in str(raised.value).lower() or "device" in str(raised.value).lower()
+    assert batching.batch_sizes == [1, 1], "the batch of 3 failed; the two good items ran alone"
+    for item in (0, 2):
+        alone = model.sample(masks[item], context[item:item + 1], generator=make_generator(20 + item), **settings)
+        torch.testing.assert_close(futures[item].result(), alone, rtol=0, atol=0)

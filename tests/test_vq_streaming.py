@@ -40,7 +40,6 @@ def test_tiled_entry_points_stream_and_match_streamed_exactly():
         latent = model.encode(volume)
         assert torch.equal(model.encode_tiled(volume, tile=4, overlap=2), model.encode_streamed(volume, tile=4))
         assert torch.equal(model.decode_tiled(latent, tile=3, overlap=1), model.decode_streamed(latent, tile=3))
-        assert torch.equal(model.decode_streamed(latent, tile=2, storage="cpu"), model.decode_streamed(latent, tile=2))
     assert torch.equal(volume, body_phantom((12, 10, 8)))  # input untouched
 
 
@@ -81,3 +80,19 @@ def test_streaming_refuses_active_dropout():
     model = interface(dropout=0.5).train()
     with pytest.raises(RuntimeError, match="eval mode"):
         model.decode_streamed(torch.zeros(1, 4, 3, 3, 3), tile=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host vs GPU storage of activations needs a CUDA device")
+def test_activations_in_host_memory_give_what_activations_on_the_gpu_give():
+    model = interface().to("cuda")
+    volume = body_phantom((21, 14, 11)).to("cuda")
+    with torch.no_grad():
+        latent = model.encode(volume)
+        whole = model.decode(latent, output_shape=(21, 14, 11))
+        on_gpu = model.decode_streamed(latent, tile=3, output_shape=(21, 14, 11), storage="cuda")
+        on_host = model.decode_streamed(latent, tile=3, output_shape=(21, 14, 11), storage="cpu")
+        latent_on_host = model.encode_streamed(volume, tile=4, storage="cpu")
+    assert model._storage(latent, 1, None).type == "cuda", "a small volume keeps its activations on the GPU"
+    assert model._storage(latent, torch.cuda.mem_get_info()[0], None).type == "cpu", "too large: host memory"
+    assert (on_host.cpu() - on_gpu.cpu()).abs().max() < 1e-5 and (on_gpu.cpu() - whole.cpu()).abs().max() < 1e-5
+    assert (latent_on_host.cpu() - latent.cpu()).abs().max() < 1e-5

@@ -45,6 +45,8 @@ def require_exp_dir(exp_dir: Path | None) -> Path:
         raise ConfigError("no experiment folder: pass --exp DIR (the folder preprocess.py wrote) or set "
                           "inference.exp_dir")
     exp_dir = Path(exp_dir)
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise DataError(f"{exp_dir}: the experiment folder is a file (check --exp)")
     if not exp_dir.is_dir():
         raise DataError(f"{exp_dir}: experiment folder not found (run preprocess.py first, or check --exp)")
     return exp_dir

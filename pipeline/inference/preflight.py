@@ -43,6 +43,17 @@ def capacity_xyz(spacing_xyz: Sequence[float], lmnet_crop: Sequence[int] = DEFAU
     return capacity_zyx(lmnet_crop, linet_crop, rim_mm, tuple(spacing_xyz)[::-1])[::-1]
 
 
+def thin_problem(extent: Sequence[int], shape: Sequence[int], rim: Sequence[int], what: str) -> list[str]:
+    """The axes along which a volume of ``shape`` cannot hold a lesion of ``extent`` voxels with ``rim`` voxels of
+    blend rim on both sides (a volume smaller than a crop is fine: crops are padded, but the rim must lie inside)."""
+    thin = [f"{'zyx'[axis]}: {extent[axis]} + 2 x {rim[axis]} rim voxels > {shape[axis]}" for axis in range(3)
+            if extent[axis] + 2 * rim[axis] > shape[axis]]
+    if not thin:
+        return []
+    return [f"the CT is too thin for {what} with its blend rim ({'; '.join(thin)}): give a CT with more slices "
+            "along that axis, or a smaller lesion"]
+
+
 def case_problems(case: CaseSpec, options: InferenceOptions,
                   other_crops: Sequence[tuple[Sequence[int], float]] = ()) -> list[str]:
     """Every problem of one case for ``options.stage`` (empty when it can run). ``other_crops``: further
@@ -67,8 +78,10 @@ def case_problems(case: CaseSpec, options: InferenceOptions,
     crops = [(options.crop_size, own_rim), *other_crops]
     problems = []
     what = "box" if options.stage == "lmnet" else "lesion"
+    rim = rim_voxels(max(rim_mm for _, rim_mm in crops), geometry.spacing_zyx)
     for rank, mask in enumerate(masks):
         extent = [int(np.any(mask, axis=tuple(a for a in range(3) if a != axis)).sum()) for axis in range(3)]
+        problems.extend(thin_problem(extent, mask.shape, rim, f"{what} {rank}"))
         for crop, rim_mm in crops:
             problem = fit_problem(extent, crop, rim_voxels(rim_mm, geometry.spacing_zyx), f"{what} {rank}")
             if problem:

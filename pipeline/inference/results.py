@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from ldm.errors import LesionDiffusionError
-from ldm.fileio import write_json_atomic
+from ldm.fileio import move_aside, write_json_atomic
 from inference.memory import is_out_of_memory, out_of_memory_message
+
+# Where the files a case wrote before it failed go (inside the case folder), so that no half-finished result sits
+# beside the good ones.
+FAILED_FOLDER = "failed"
 
 
 @dataclass
@@ -54,8 +58,15 @@ class CaseResult:
 
     def fail(self, error: BaseException, debug: bool = False) -> "CaseResult":
         """Record ``error``: a LesionDiffusionError by its message, a CUDA out-of-memory error by the case and the
-        allocation that failed, anything else with its type and traceback."""
+        allocation that failed, anything else with its type and traceback. Files the case already wrote are
+        moved to ``failed/`` in their folder and listed as ``failed_<kind>``."""
         self.status = "failed"
+        moved = {}
+        for kind, path in list(self.outputs.items()):
+            if path not in moved and Path(path).is_file():
+                moved[path] = str(move_aside(path, FAILED_FOLDER))
+            self.outputs[f"failed_{kind}"] = moved.get(path, path)
+            del self.outputs[kind]
         if is_out_of_memory(error):
             self.error = out_of_memory_message(self.case_id, error)
             self.traceback = traceback_module.format_exc() if debug else None
@@ -84,7 +95,10 @@ def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
     return lines
 
 
-def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult]) -> Path:
-    """Write the run report (options, then every case with its lesions) as JSON, atomically; returns ``path``."""
-    report = {"stage": stage, "options": options, "cases": [asdict(result) for result in results]}
+def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult],
+                     weights: dict[str, dict] | None = None) -> Path:
+    """Write the run report (options, the weight files with their sizes and sha256, then every case with its
+    lesions) as JSON, atomically; returns ``path``."""
+    report = {"stage": stage, "options": options, "weights": weights or {},
+              "cases": [asdict(result) for result in results]}
     return write_json_atomic(path, report, indent=1)

@@ -36,6 +36,7 @@ from inference.preflight import preflight
 from inference.required_files import check_required_files
 from inference.results import CaseResult, write_run_report
 from inference.spacing import spacing_warnings
+from inference.weights import verify_weights, weight_records
 
 POLL_SECONDS = 5.0
 StageHook = Callable[[str, Path, list, InferenceOptions], list]
@@ -192,6 +193,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
                           "pass after_stage=quality.gate.gate_stage to run_inference")
     cases = read_cases(options.exp_dir, dict(options.lists))
     check_weights(config)
+    verify_weights(config, stage)
     # Every case is checked before any model runs; a case with a problem fails here, naming each problem.
     ready, refused = preflight(cases, options)
     off_spacing = spacing_warnings(cases, options)
@@ -228,6 +230,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
         label_list = write_list(exp_dir / options.label_list_name, label_list_entries(results, cases, options))
     # The report is written after the hook, so that it lists what the hook moved (the quality gate's rejections).
     dropped = after_stage(stage, exp_dir, results, options) if after_stage is not None else []
-    report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results)
+    report = write_run_report(exp_dir / f"{stage}_report.json", stage, asdict(options), results,
+                              weight_records(config))
     journal.clear()
     return RunOutcome(stage, results, report, label_list, dropped)

@@ -55,8 +55,14 @@ def orthogonal_slices(volume: np.ndarray, centre: Sequence[int]) -> dict[str, np
 def outline_mask(axes, mask_slice: np.ndarray) -> None:
     # contour() warns on a constant field; a slice the mask does not cross has nothing to outline. Without X/Y
     # and origin, contour puts Z[0, 0] at (0, 0): the centre of imshow's first pixel.
+    # contour() needs at least 2 x 2 values: a slice of a one-voxel-thin volume is padded with background.
     if mask_slice.min() < 0.5 < mask_slice.max():
-        axes.contour(mask_slice, levels=[0.5], colors=MASK_COLOUR, linewidths=0.9)
+        if min(mask_slice.shape) < 2:
+            rows, columns = mask_slice.shape
+            axes.contour(np.arange(-1, columns + 1), np.arange(-1, rows + 1), np.pad(mask_slice, 1), levels=[0.5],
+                         colors=MASK_COLOUR, linewidths=0.9)
+        else:
+            axes.contour(mask_slice, levels=[0.5], colors=MASK_COLOUR, linewidths=0.9)
 
 
 def render_montage(volumes: Mapping[str, object], path: str | os.PathLike, mask=None, title: str = "",

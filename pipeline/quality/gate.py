@@ -16,6 +16,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ldm.errors import DataError, LesionDiffusionError
+from ldm.fileio import move_aside
 from ldm.lesion import AGREE, NOT_APPLICABLE, Verdict
 from quality.evaluation import Evaluation, OutputError
 from quality.measure import LesionQuality, measure_output
@@ -98,15 +99,7 @@ class DroppedOutput:
 
 def _move_aside(path: Path) -> Path:
     """Move ``path`` into ``rejected/`` next to it; an earlier rejected file of that name is kept (``name~2``...)."""
-    target = path.parent / REJECTED_FOLDER / path.name
-    stem = path.name.split(".", 1)[0]
-    number = 2
-    while target.exists():
-        target = target.with_name(f"{stem}~{number}{path.name[len(stem):]}")
-        number += 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
-    return target
+    return move_aside(path, REJECTED_FOLDER)
 
 
 def _result_spec(result, row: dict | None, label_list: Path) -> OutputSpec:

@@ -115,6 +115,8 @@ def read_case_rows(exp_dir: Path, label_list_name: str = DEFAULT_LABEL_LIST) -> 
     """One dict per case row: ``index``, ``case_id``, ``folder`` and the absolute input paths (``image``, ``seg``,
     ``type``, optional ``boxes`` and ``label``)."""
     exp_dir = Path(exp_dir)
+    if exp_dir.exists() and not exp_dir.is_dir():
+        raise DataError(f"{exp_dir}: the experiment folder is a file, not a folder")
     if not exp_dir.is_dir():
         raise DataError(f"{exp_dir}: experiment folder not found")
     names = dict(LISTS)

@@ -46,6 +46,10 @@ class ResourceMonitor(pl.Callback):
         self.epoch_start = 0.0
         self.batches = 0
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed mid-epoch continues that epoch without on_train_epoch_start: its timing starts here.
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reset_peak_memory(pl_module.device)
         self.epoch_start = time.monotonic()

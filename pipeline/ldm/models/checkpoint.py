@@ -197,9 +197,28 @@ def read_state_dict(path: str | os.PathLike, trust: bool | None = None) -> dict[
     return state_dict_of(read_checkpoint(path, trust), str(path))
 
 
-def _shape(value) -> tuple | None:
+def tensor_shape(value) -> tuple | None:
     """Shape of a tensor entry; ``None`` for the non-tensor extra state a module may store."""
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def model_key_shapes(model_config: Mapping) -> dict[str, tuple | None]:
+    """Key -> shape of the model a ``target/params`` block builds, on the meta device (nothing allocated, no weight
+    file read: its checkpoints are unset and a training loss is left out)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    block = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(model_config), resolve=True))
+    params = block.setdefault("params", {})
+    params.ckpt_path = None
+    if "lossconfig" in params:
+        params.lossconfig = {"target": "torch.nn.Identity"}
+    if isinstance(params.get("first_stage_config"), DictConfig):
+        params.first_stage_config.setdefault("params", {}).ckpt_path = None
+    with torch.device("meta"):
+        model = instantiate_from_config(block, key_path="model")
+    return {key: tensor_shape(value) for key, value in model.state_dict().items()}
 
 
 def _matches(key: str, prefixes: Iterable[str]) -> bool:
@@ -215,6 +234,34 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
 
 
+def fit_state(state: Mapping[str, Any], own: Mapping[str, tuple | None], ignore_keys: Iterable[str] = (),
+              strict: bool = True, source: str = "checkpoint") -> tuple[list[str], list[str], list[str]]:
+    """Match ``state`` with a model's key -> shape map ``own`` the way :func:`load_weights` loads it; returns
+    ``(keys to load, skipped missing, skipped unexpected)``. When ``strict``, a missing or unexpected key or a shape
+    mismatch raises MissingWeightsError listing them (``source``: the file, named first in the message)."""
+    ignore = tuple(ignore_keys)
+    wanted = {k: v for k, v in state.items() if not _matches(k, ignore) and not _matches(k, TEST_ONLY_PREFIXES)}
+    missing = [k for k in own if k not in wanted and not _matches(k, ignore)]
+    unexpected = [k for k in wanted if k not in own]
+    tolerated_missing = [k for k in missing if version_dependent(k)]
+    tolerated_unexpected = [k for k in unexpected if version_dependent(k)]
+    if tolerated_missing or tolerated_unexpected:
+        warnings.warn(f"{source}: skipped {_listed(tolerated_missing + tolerated_unexpected)}: index buffers that "
+                      "library versions save or recompute differently; the computation is the same")
+        missing = [k for k in missing if k not in tolerated_missing]
+        unexpected = [k for k in unexpected if k not in tolerated_unexpected]
+    ignored_missing = [k for k in own if k not in state and _matches(k, ignore)]
+    ignored_unexpected = [k for k in state if k not in own and _matches(k, ignore)]
+    fitting = [k for k, v in wanted.items() if k in own and tensor_shape(v) == own[k]]
+    mismatched = [f"{k} {tensor_shape(v)} vs {own[k]}" for k, v in wanted.items() if k in own and k not in fitting]
+    if strict and (missing or unexpected or mismatched):
+        details = [f"{title}: {_listed(keys)}" for title, keys in
+                   (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        raise MissingWeightsError(f"{source}: does not fit the model ({'; '.join(details)})")
+    skipped_missing = missing + ignored_missing + tolerated_missing
+    return fitting, skipped_missing, unexpected + ignored_unexpected + tolerated_unexpected
+
+
 def load_weights(
     module: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -228,28 +275,10 @@ def load_weights(
     lists them; only version-dependent index buffers (``VERSION_DEPENDENT_SUFFIXES``) are skipped, with a warning.
     Returns ``(missing, unexpected)``: the keys that were skipped (ignored and version-dependent ones when strict).
     """
-    ignore = tuple(ignore_keys)
-    wanted = {k: v for k, v in state.items() if not _matches(k, ignore) and not _matches(k, TEST_ONLY_PREFIXES)}
-    own = module.state_dict()
-    missing = [k for k in own if k not in wanted and not _matches(k, ignore)]
-    unexpected = [k for k in wanted if k not in own]
-    tolerated_missing = [k for k in missing if version_dependent(k)]
-    tolerated_unexpected = [k for k in unexpected if version_dependent(k)]
-    if tolerated_missing or tolerated_unexpected:
-        warnings.warn(f"{source}: skipped {_listed(tolerated_missing + tolerated_unexpected)}: index buffers that "
-                      "library versions save or recompute differently; the computation is the same")
-        missing = [k for k in missing if k not in tolerated_missing]
-        unexpected = [k for k in unexpected if k not in tolerated_unexpected]
-    ignored_missing = [k for k in own if k not in state and _matches(k, ignore)]
-    ignored_unexpected = [k for k in state if k not in own and _matches(k, ignore)]
-    mismatched = [f"{k} {_shape(v)} vs {_shape(own[k])}" for k, v in wanted.items() if k in own and _shape(v) != _shape(own[k])]
-    if strict and (missing or unexpected or mismatched):
-        details = [f"{title}: {_listed(keys)}" for title, keys in
-                   (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise MissingWeightsError(f"{source}: does not fit the model ({'; '.join(details)})")
-    compatible = {k: v for k, v in wanted.items() if k in own and _shape(v) == _shape(own[k])}
-    module.load_state_dict(compatible, strict=False)
-    return missing + ignored_missing + tolerated_missing, unexpected + ignored_unexpected + tolerated_unexpected
+    own = {key: tensor_shape(value) for key, value in module.state_dict().items()}
+    fitting, missing, unexpected = fit_state(state, own, ignore_keys, strict, source)
+    module.load_state_dict({key: state[key] for key in fitting}, strict=False)
+    return missing, unexpected
 
 
 def load_checkpoint(
