@@ -83,7 +83,7 @@ def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
             lines.append(f"  {result.case_id}: {len(result.lesions)} lesion(s) -> {written} "
                          f"({result.seconds:.1f} s)")
             lines.extend(f"    warning: {warning}" for warning in result.warnings)
-            lines.extend(lesion_line(lesion) for lesion in result.lesions if lesion.candidates)
+            lines.extend(lesion_line(lesion) for lesion in result.lesions if lesion.candidates or lesion.disagree)
         else:
             lines.append(f"  {result.case_id}: FAILED: {result.error}")
     failed = sum(not result.ok for result in results)
@@ -92,9 +92,9 @@ def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
 
 
 def lesion_line(lesion: LesionResult) -> str:
-    """One line for a judged lesion: samples, rounds, and the attributes that still disagree."""
+    """One line for a judged lesion: samples, rounds, kept seed, and what still disagrees with the report."""
     disagree = f"disagree: {', '.join(lesion.disagree)}" if lesion.disagree else "every judged attribute agrees"
-    return (f"    lesion {lesion.rank}: {len(lesion.candidates)} sample(s) in {lesion.tries} round(s), "
+    return (f"    lesion {lesion.rank}: {len(lesion.candidates) or 1} sample(s) in {lesion.tries} round(s), "
             f"seed {lesion.seed}; {disagree}")
 
 
