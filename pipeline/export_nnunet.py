@@ -43,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ldm.data.lists import read_aligned_lists  # noqa: E402
 from ldm.data.volume import Geometry, read_geometry, read_label, write_volume  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
+from ldm.data.components import ranked_components  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
 from inference.source_grid import nearest_on_source_grid  # noqa: E402
 from quality import nnunet  # noqa: E402
 from quality.gate import display_path, evaluate_outputs  # noqa: E402
-from quality.measure import GRID_ATOL_MM, LesionQuality, paste_region, ranked_components  # noqa: E402
+from quality.measure import GRID_ATOL_MM, LesionQuality, paste_region  # noqa: E402
 from quality.outputs import STANDARDISED_SUFFIX, WHICH, OutputSpec, find_outputs, paste_rim  # noqa: E402
 from quality.tables import write_results  # noqa: E402
 from quality.tolerances import Tolerances, resolve_tolerances  # noqa: E402
@@ -108,7 +109,7 @@ def gate_outcome(lesions: list[LesionQuality], failed_mode: str) -> tuple[list[L
 
 def failed_voxels(mask: np.ndarray, failed: list[LesionQuality]) -> np.ndarray:
     """The voxels of the ``failed`` lesions (ranked components of value 2) of ``mask``, the grid they were graded on."""
-    components, ranked = ranked_components(mask == 2)
+    components, ranked, _ = ranked_components(mask == 2)
     return np.isin(components, [ranked[lesion.lesion] for lesion in failed])
 
 

@@ -9,11 +9,11 @@ import pytest
 
 from ldm.data.volume import read_geometry, read_label, write_volume
 from ldm.errors import ConfigError
-from preprocessing.vocabulary import vocabulary
-from quality.density import GROUP_CLASSES, measured_density, requested_density
+from ldm.data.components import ranked_components
+from ldm.lesion import ATTRIBUTES, Verdict
+from ldm.lesion.measure import margin_gradient
 from quality.gate import grade
-from quality.measure import (LesionQuality, box_assignment, changed_outside, margin_gradient,
-                             memory_axis_of_file_axes, ranked_components, reference_hu)
+from quality.measure import LesionQuality, box_assignment, changed_outside, memory_axis_of_file_axes
 from quality.plot import equivalent_diameter_mm
 from quality.tolerances import CHECKS, Tolerances, load_tolerances, resolve_tolerances, tolerances_from_mapping
 
@@ -30,26 +30,13 @@ def quality(**values) -> LesionQuality:
                 changed_outside_max_abs_hu=0.0, requested_size_vox=(5, 5, 5), requested_volume_mm3=65.4,
                 volume_ratio=1.5, extent_ratio_min=1.0, extent_ratio_max=1.0, inside_organ_fraction=1.0,
                 requested_hu=30.0, hu_error=-10.0, organ_reference_hu=60.0, contrast_hu=-40.0,
-                density_measured="hypo", density_requested="hypo")
+                interior_mean_hu=20.0, attributes=verdicts())
     return LesionQuality(**{**base, **values})
 
 
-def test_every_density_group_of_the_vocabulary_has_a_decided_class():
-    firsts = [group[0] for group in vocabulary()["density"]]
-    assert sorted(firsts) == sorted(GROUP_CLASSES)
-    assert requested_density("low attenuation lesion,") == "hypo"
-    assert requested_density("Hypodense fluid-like lesion,") == "hypo"
-    assert requested_density("isoattenuating lesion,") == "iso"
-    assert requested_density("high density lesion,") == "hyper"
-    assert requested_density("mixed attenuation lesion,") is None
-    assert requested_density("ring enhancement,") is None
-    assert requested_density("a glowing lesion,") is None and requested_density("") is None
-
-
-def test_measured_density_uses_a_symmetric_iso_band():
-    assert [measured_density(c, 10.0) for c in (-10.5, -10.0, 0.0, 10.0, 10.5)] == ["hypo", "iso", "iso", "iso",
-                                                                                    "hyper"]
-    assert measured_density(None, 10.0) is None
+def verdicts(**changed) -> list[Verdict]:
+    """Every attribute agreeing, except ``changed`` (attribute with underscores -> verdict)."""
+    return [Verdict(name, "x,", "x,", changed.get(name.replace(" ", "_"), "agree")) for name in ATTRIBUTES]
 
 
 def test_margin_gradient_of_a_linear_ramp_is_its_slope_in_hu_per_mm():
@@ -94,7 +81,7 @@ def test_components_are_ranked_largest_first_and_grouped_by_their_box():
     lesions[2:4, 6:9, 2:5] = True        # 18 voxels, box 1 (a second piece)
     lesions[6:9, 12:16, 12:16] = True    # 48 voxels, box 2
     lesions[0, 19, 19] = True            # 1 voxel, no box
-    components, ranked = ranked_components(lesions)
+    components, ranked, _ = ranked_components(lesions)
     assert [int((components == label).sum()) for label in ranked] == [48, 18, 8, 1]
     boxes = np.zeros(lesions.shape, dtype=np.int16)
     boxes[1:5, 1:10, 1:6] = 2
@@ -103,19 +90,6 @@ def test_components_are_ranked_largest_first_and_grouped_by_their_box():
     by_rank = [int(assigned[label]) for label in ranked]
     assert by_rank[3] == 0 and by_rank[1] == by_rank[2] != by_rank[0] != 0
     assert box_assignment(components, len(ranked), None).tolist() == [0] * 5
-
-
-def test_reference_hu_is_the_shell_median_with_an_organ_fallback():
-    ct = np.full((10, 10, 10), 50.0)
-    ct[0, 0, :5] = -100.0  # partial-volume voxels at the organ's edge barely move a median
-    organ = np.ones(ct.shape, dtype=bool)
-    lesions = np.zeros(ct.shape, dtype=bool)
-    window = (slice(0, 10),) * 3
-    shell = np.zeros(ct.shape, dtype=bool)
-    shell[0, 0, :] = shell[1, 1, :] = True
-    assert reference_hu(ct, window, shell, organ, lesions) == 50.0
-    assert reference_hu(ct, window, np.zeros_like(shell), organ, lesions) == 50.0
-    assert reference_hu(ct, window, np.zeros_like(shell), np.zeros_like(organ), lesions) is None
 
 
 @pytest.mark.parametrize("axcodes", [("L", "P", "S"), ("R", "A", "S"), ("S", "R", "A")])
@@ -141,17 +115,24 @@ def test_grade_passes_and_fails_each_check_on_its_own():
     tolerances = Tolerances()
     graded = grade(quality(), tolerances)
     assert graded.passed and all(graded.checks[name] is True for name in CHECKS)
-    cases = {"hu": dict(hu_error=50.5), "density": dict(density_measured="iso"),
+    cases = {"hu": dict(hu_error=50.5), "density": dict(attributes=verdicts(density="disagree")),
              "inside_organ": dict(inside_organ_fraction=0.89), "volume": dict(volume_ratio=2.01),
              "extent": dict(extent_ratio_max=1.6), "components": dict(components=2),
              "unchanged_outside": dict(changed_outside_voxels=1)}
     for check, values in cases.items():
         graded = grade(quality(**values), tolerances)
         assert graded.failed_checks == [check] and not graded.passed
-    graded = grade(quality(requested_hu=None, hu_error=None, density_requested=None, volume_ratio=None,
+    graded = grade(quality(attributes=verdicts(density_variations="disagree", shape="disagree")), tolerances)
+    assert graded.failed_checks == ["attributes (density variations)"]  # shape does not fail by default
+    assert graded.failed_attributes == ["density variations"]
+    strict = tolerances.with_overrides(fail_attributes=("shape", "density variations"))
+    assert grade(quality(attributes=verdicts(density_variations="disagree", shape="disagree")),
+                 strict).failed_attributes == ["shape", "density variations"]
+    not_applicable = verdicts(density="n/a", **{name.replace(" ", "_"): "n/a" for name in tolerances.fail_attributes})
+    graded = grade(quality(requested_hu=None, hu_error=None, attributes=not_applicable, volume_ratio=None,
                            extent_ratio_min=None, extent_ratio_max=None), tolerances)
     assert graded.passed and [name for name, verdict in graded.checks.items() if verdict is None] == [
-        "hu", "density", "volume", "extent"]
+        "hu", "density", "volume", "extent", "attributes"]
     relaxed = grade(quality(hu_error=80.0), tolerances.with_overrides(disabled=("hu",)))
     assert relaxed.passed and relaxed.checks["hu"] is None
 
@@ -167,13 +148,14 @@ def test_tolerance_file_round_trip_and_errors(tmp_path):
     for text, message in (("[tolerances]\nhu = 3\n", "unknown tolerance"), ("[limits]\n", "unknown table"),
                           ("[tolerances]\nvolume_ratio = [2, 1]\n", "above high"),
                           ("[tolerances]\nhu_abs = -1\n", "hu_abs"), ("[tolerances\n", "not a valid TOML"),
-                          ('[tolerances]\ndisabled = ["size"]\n', "unknown check")):
+                          ('[tolerances]\ndisabled = ["size"]\n', "unknown check"),
+                          ('[tolerances]\nfail_attributes = ["colour"]\n', "unknown attribute")):
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_tolerances(path)
     with pytest.raises(ConfigError, match="max_components"):
         tolerances_from_mapping({"max_components": 1.5})
-    assert set(Tolerances().as_dict()) >= {"hu_abs", "disabled"} and len(CHECKS) == 7
+    assert set(Tolerances().as_dict()) >= {"hu_abs", "disabled"} and len(CHECKS) == 8
 
 
 def test_equivalent_diameter_of_the_inscribed_ellipsoid_is_the_geometric_mean_axis():

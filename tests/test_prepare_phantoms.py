@@ -17,7 +17,7 @@ import prepare_dataset
 from ldm.data.lists import read_aligned_lists
 from ldm.data.volume import read_label
 from ldm.util import instantiate_from_config, load_config
-from preparation.phrases import ROUND_SOLIDITY
+from ldm.lesion import DEFAULT
 from quality.density import requested_density
 from tests.prepare_builders import LIVER, make_case, write_dataset_json
 
@@ -71,7 +71,7 @@ def test_reports_state_what_was_put_there(prepared):
         assert attributes["cavity"] == ("protruding from the parenchymal organ," if known.position == "surface"
                                         else "within the parenchymal organ,")
         assert attributes["shape"] == ("irregular," if known.irregular else "round-like,")
-        assert (case["lesion"]["solidity"] < ROUND_SOLIDITY) == known.irregular
+        assert (case["lesion"]["solidity"] < DEFAULT.round_solidity) == known.irregular
         varied = case_id == "varied"
         assert attributes["density variations"] == ("heterogeneous," if varied else "homogeneous,")
         assert attributes["specific features"] == ("presence of decreased density areas,presence of increased "

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from ldm.errors import ConfigError, DataError
-from preparation.measure import elongation, measure_lesion, solidity
+from ldm.lesion import DEFAULT
+from ldm.lesion.measure import elongation, measure_lesion, solidity
+from ldm.lesion.phrases import measured_phrases
 from preparation.outputs import fragment, split_cases
-from preparation.phrases import ISO_BAND_HU, ROUND_SOLIDITY, measured_phrases
 from preparation.source import read_dataset
-from preprocessing.vocabulary import canonical_value
+from ldm.data.vocabulary import canonical_value
 
 LIVER, KIDNEY_LEFT, BLADDER, AORTA = 5, 3, 104, 7
 
@@ -46,7 +47,7 @@ def test_solidity_and_elongation_against_hand_counts():
     assert solidity(np.ones((4, 4, 1), dtype=bool)) is None
     quarter_cut = ball((41, 41, 41), (20, 20, 20), 18)
     quarter_cut[20:, 20:, :] = False
-    assert 0.75 < solidity(quarter_cut) < ROUND_SOLIDITY
+    assert 0.75 < solidity(quarter_cut) < DEFAULT.round_solidity
     assert elongation(ball((21, 21, 21), (10, 10, 10), 8), (1, 1, 1)) == pytest.approx(1.0, abs=0.02)
     rod = np.zeros((10, 10, 40), dtype=bool)
     rod[4:6, 4:6, :] = True
@@ -63,7 +64,7 @@ def test_a_noiseless_lesion_is_measured_exactly():
     segmentation = np.where(organ, LIVER, 0).astype(np.int16)
     segmentation[:, :3, :3] = AORTA  # 40*9 voxels of aorta at 200 HU
     ct[:, :3, :3] = 200.0
-    m = measure_lesion(ct, lesion, lesion, organ & ~lesion, segmentation, LIVER, (1.0, 1.0, 1.0), ISO_BAND_HU)
+    m = measure_lesion(ct, lesion, lesion, organ & ~lesion, segmentation, LIVER, (1.0, 1.0, 1.0))
     assert m.size_vox == (11, 11, 11) and m.box_start_vox == (15, 15, 15) and m.voxels == int(lesion.sum())
     assert m.mean_hu == m.interior_mean_hu == 30.0 and m.organ_reference_hu == 60.0 and m.contrast_hu == -30.0
     assert m.organ_noise_hu == 0.0 and m.interior_std_hu == 0.0 and m.margin_leak == 0.0
@@ -75,7 +76,7 @@ def test_a_noiseless_lesion_is_measured_exactly():
     blurred = ct.copy()
     rim = ball(shape, (20, 20, 20), 6.5) & ~lesion
     blurred[rim] = 60.0 - 0.7 * 30.0
-    m_blurred = measure_lesion(blurred, lesion, lesion, organ & ~lesion, segmentation, LIVER, (1, 1, 1), ISO_BAND_HU)
+    m_blurred = measure_lesion(blurred, lesion, lesion, organ & ~lesion, segmentation, LIVER, (1, 1, 1))
     assert m_blurred.margin_leak == pytest.approx(0.7)
     assert measured_phrases(m_blurred, LIVER).values["surface characteristics"] == "ill-defined margin,"
 
@@ -84,7 +85,7 @@ def test_phrase_thresholds_and_organ_wording():
     organ = ball((30, 30, 30), (15, 15, 15), 12)
     lesion = ball((30, 30, 30), (15, 15, 15), 4)
     ct = np.where(lesion, 50.0, 50.0)
-    base = measure_lesion(ct, lesion, lesion, organ & ~lesion, np.where(organ, LIVER, 0), LIVER, (1, 1, 1), ISO_BAND_HU)
+    base = measure_lesion(ct, lesion, lesion, organ & ~lesion, np.where(organ, LIVER, 0), LIVER, (1, 1, 1))
     densities = {-25.0: "hypodense lesion,", -5.0: "isodense lesion,", 5.0: "isodense lesion,", 25.0: "hyperdense lesion,"}
     for contrast, phrase in densities.items():
         m = replace(base, contrast_hu=contrast, interior_mean_hu=50.0 + contrast)

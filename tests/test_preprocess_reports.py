@@ -8,7 +8,7 @@ from preprocessing.bbox import box_problem
 from preprocessing.report_format import ReportError, ReportRequest, parse_ct_value, parse_size
 from preprocessing.report_offline import OfflineReporter, lesion_kind
 from preprocessing.report_validation import validate_reply
-from preprocessing.vocabulary import canonical_value, group_index
+from ldm.data.vocabulary import canonical_value, group_index
 
 
 def _organ(shape=(30, 40, 40)):

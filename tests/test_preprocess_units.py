@@ -12,7 +12,7 @@ from preprocessing.inputs import case_ids, read_cases
 from preprocessing.report_format import format_ct_value, format_size, parse_ct_value, parse_size
 from preprocessing.standardise import labels_on_grid, respaced_grid, standardise_ct
 from preprocessing.user_attributes import interpret_attributes, parse_attribute_line
-from preprocessing.vocabulary import VocabularyError, canonical_value, split_phrases
+from ldm.data.vocabulary import VocabularyError, canonical_value, split_phrases
 
 
 # --- vocabulary ---------------------------------------------------------------------------------------------------

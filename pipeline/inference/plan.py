@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
-
-from ldm.data.crops import FACE_CONNECTIVITY, CropWindow, mask_bbox, plan_crop
+from ldm.data.components import ranked_components
+from ldm.data.crops import CropWindow, mask_bbox, plan_crop
 from ldm.errors import DataError
 
 LESION_VALUE = 2
@@ -54,11 +53,10 @@ def select_components(label: np.ndarray, max_count: int, min_voxels: int) -> lis
     lesion = np.asarray(label) == LESION_VALUE
     if not lesion.any():
         raise DataError(f"no lesion voxel (value {LESION_VALUE}) in the label")
-    components, count = ndimage.label(lesion, structure=FACE_CONNECTIVITY)
-    sizes = np.bincount(components.ravel())[1:]
-    order = np.argsort(-sizes, kind="stable")
-    kept = [int(i) for i in order if sizes[i] > min_voxels][:max_count] or [int(order[0])]
-    return [components == index + 1 for index in kept]
+    components, ranked, boxes = ranked_components(lesion)
+    sizes = {label: int(np.count_nonzero(components[boxes[label - 1]] == label)) for label in ranked}
+    kept = [label for label in ranked if sizes[label] > min_voxels][:max_count] or ranked[:1]
+    return [components == label for label in kept]
 
 
 def fit_problem(extent: Sequence[int], crop_size: Sequence[int], margin: Sequence[int], what: str) -> str | None:

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ldm.data.crops import FACE_CONNECTIVITY
+from ldm.data.components import FACE_CONNECTIVITY
 
 FILL_FRACTIONS = {"ellipsoid": math.pi / 6, "box": 1.0}
 GAP = ndimage.generate_binary_structure(3, 3)  # keep lesions one voxel apart in every direction

@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from ldm.data.components import ranked_components, voxel_volume_mm3
 from ldm.data.organs import organ_id as organ_id_of
 from ldm.data.volume import Geometry, read_geometry
 from ldm.errors import DataError
 from ldm.fileio import write_json_atomic
+from ldm.lesion import describe_lesion
 from preprocessing.case_run import CaseResult as BaseCaseResult
 from preprocessing.case_run import content_hash, errors_into, file_sha256, finished_record, fingerprint_fields
 from preprocessing.segment import import_segmentation, run_totalsegmentator
 from preprocessing.standardise import labels_on_grid, load_nifti, standardise_ct, write_file_grid
-from preparation.measure import lesion_components, measure_lesion
-from preparation.phrases import ISO_BAND_HU, measured_phrases
 from preparation.source import SourceCase
 
 OUTPUT_FILES = {"image": "ct.nii.gz", "label": "label.nii.gz", "seg": "seg.nii.gz", "coarseg": "coarseg.nii.gz",
@@ -157,19 +157,20 @@ def _describe(case: SourceCase, options: PrepareOptions, reporter: Any, outputs:
               geometry: Geometry, lesions: np.ndarray, organ: np.ndarray, result: CaseResult) -> None:
     """Measure the largest lesion on the dataset's own grid (its size on the standardised one), write its
     report, fill the result."""
-    components, ranked, boxes = lesion_components(lesions)
+    components, ranked, boxes = ranked_components(lesions)
     result.lesions = [{"voxels": int(np.count_nonzero(components[boxes[label - 1]] == label)),
                        "box_start_vox": [int(s.start) for s in boxes[label - 1]],
                        "size_vox": [int(s.stop - s.start) for s in boxes[label - 1]]} for label in ranked]
     native_lesions, native_organ, segmentation, native = _native_masks(case, options, outputs["coarseg"])
-    native_components, native_ranked, _ = lesion_components(native_lesions)
+    native_components, native_ranked, _ = ranked_components(native_lesions)
     ct = load_nifti(case.image).get_fdata(dtype=np.float32)
     spacing = tuple(float(s) for s in np.sqrt((native.affine[:3, :3] ** 2).sum(axis=0)))
-    measured = measure_lesion(ct, native_components == native_ranked[0], native_lesions, native_organ,
-                              segmentation, options.organ_id, spacing, ISO_BAND_HU)
+    description = describe_lesion(ct, native_components == native_ranked[0], segmentation, spacing, options.organ_id,
+                                  voxel_volume_mm3(native.affine), lesions=native_lesions, organ=native_organ)
     largest = result.lesions[0]
-    measurement = replace(measured, size_vox=tuple(largest["size_vox"]), box_start_vox=tuple(largest["box_start_vox"]))
-    phrases = measured_phrases(measurement, options.organ_id)
+    measurement = replace(description.measurement, size_vox=tuple(largest["size_vox"]),
+                          box_start_vox=tuple(largest["box_start_vox"]))
+    phrases = description.phrases
     extent = _organ_extent(organ | lesions)
     standard_spacing = tuple(float(s) for s in np.sqrt((geometry.affine[:3, :3] ** 2).sum(axis=0)))
     report = reporter.generate(options.organ_id, phrases, measurement, extent, standard_spacing, options.lesion_type)

@@ -5,7 +5,7 @@ phrases, one phrase where one is allowed, the cavity of the organ's kind, the CT
 within the organ's extent), so a measured report is held to the same rules as an LLM's.
 
 - :class:`MeasuredReporter` (``--reporter offline``, the default): the measured phrases, undecided ones with
-  their fallback (:mod:`preparation.phrases`).
+  their fallback (:mod:`ldm.lesion.phrases`).
 - :class:`RefiningReporter` (``--reporter llm``): the measured values are given to the LLM as fixed attributes
   (they always win), so the LLM only fills the attributes the image could not decide (it is not asked when there
   are none); its reply is validated and retried by :class:`preprocessing.report_llm.LLMReporter`.
@@ -16,11 +16,9 @@ import json
 from typing import Any, Sequence
 
 from ldm.data.organs import is_hollow, organ_name
-from preprocessing.case import ENHANCED_AORTA_HU
+from ldm.lesion import DEFAULT, LesionMeasurement, Phrases
 from preprocessing.report_format import CT_VALUE, SIZE, ReportRequest, build_report
 from preprocessing.report_validation import validate_reply
-from preparation.measure import LesionMeasurement
-from preparation.phrases import Phrases
 
 
 def report_request(organ_id: int, lesion_type: str, organ_extent_xyz: Sequence[int], spacing_xyz: Sequence[float],
@@ -30,7 +28,7 @@ def report_request(organ_id: int, lesion_type: str, organ_extent_xyz: Sequence[i
         organ_id=int(organ_id), organ_name=organ_name(organ_id), hollow=is_hollow(organ_id), lesion_type=lesion_type,
         organ_extent_xyz=tuple(int(e) for e in organ_extent_xyz), spacing_xyz_mm=tuple(float(s) for s in spacing_xyz),
         fixed=fixed, organ_mean_hu=measurement.organ_reference_hu,
-        contrast_enhanced=None if measurement.aorta_hu is None else measurement.aorta_hu > ENHANCED_AORTA_HU,
+        contrast_enhanced=None if measurement.aorta_hu is None else measurement.aorta_hu > DEFAULT.enhanced_aorta_hu,
     )
 
 

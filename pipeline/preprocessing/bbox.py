@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from ldm.errors import DataError
 from ldm.data.attributes import HOLLOW_CAVITIES, SOLID_CAVITIES
-from preprocessing.vocabulary import clean_phrase
+from ldm.data.vocabulary import clean_phrase
 
 LUMEN_EROSIONS = 5
 BOX_GAP = 1

@@ -19,6 +19,8 @@ import numpy as np
 from ldm.data.volume import Geometry, read_geometry, read_label, read_volume, write_volume
 from ldm.errors import DataError
 from ldm.fileio import write_json_atomic
+from ldm.lesion import DEFAULT
+from ldm.lesion.measure import aorta_hu
 from preprocessing.bbox import box_problem, boxes_mask, organ_extent, place_boxes
 from preprocessing.case_run import CaseResult as BaseCaseResult
 from preprocessing.case_run import content_hash, errors_into, file_sha256, finished_record, fingerprint_fields
@@ -30,9 +32,6 @@ from preprocessing.user_attributes import CaseAttributes, interpret_attributes, 
 
 OUTPUT_FILES = {"img": "ct.nii.gz", "seg": "totalseg.nii.gz", "type": "type.json", "bbox": "bbox.nii.gz"}
 RECORD_FILE = "preprocess.json"
-AORTA_V1_ID = 7
-MIN_AORTA_VOXELS = 20
-ENHANCED_AORTA_HU = 150.0
 # Largest difference (mm) between the affines of a CT and its --seg-list segmentation that still counts as one grid.
 GRID_ATOL_MM = 1e-3
 # Inference keeps only lesion components larger than this (original LMNet/LINet rule).
@@ -101,10 +100,8 @@ def check_same_grid(seg: Geometry, ct: Geometry) -> None:
 
 
 def _contrast_enhanced(ct: np.ndarray, segmentation: np.ndarray) -> bool | None:
-    aorta = segmentation == AORTA_V1_ID
-    if np.count_nonzero(aorta) < MIN_AORTA_VOXELS:
-        return None
-    return bool(float(ct[aorta].mean()) > ENHANCED_AORTA_HU)
+    aorta = aorta_hu(ct, segmentation)
+    return None if aorta is None else aorta > DEFAULT.enhanced_aorta_hu
 
 
 def _request(attributes: CaseAttributes, ct: np.ndarray, organ: np.ndarray, segmentation: np.ndarray,

@@ -16,7 +16,7 @@ import numpy as np
 
 from preprocessing.report_format import ATTRIBUTE_ORDER, CT_VALUE, LOCATION, SIZE, ReportError, ReportRequest
 from preprocessing.report_validation import validate_reply
-from preprocessing.vocabulary import vocabulary_for_prompt
+from ldm.data.vocabulary import vocabulary_for_prompt
 
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"

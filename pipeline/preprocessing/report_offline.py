@@ -18,7 +18,7 @@ import numpy as np
 from ldm.data.organs import is_lung
 from preprocessing.report_format import CT_VALUE, SIZE, ReportError, ReportRequest, build_report, check_fixed_size
 from ldm.data.attributes import HOLLOW_CAVITIES, SOLID_CAVITIES
-from preprocessing.vocabulary import CAVITY, group_index, vocabulary
+from ldm.data.vocabulary import CAVITY, group_index, vocabulary
 
 KIND_WORDS = {
     "cyst": ("cyst", "cystic", "pseudocyst"),

@@ -12,8 +12,8 @@ from typing import Any
 
 from preprocessing.report_format import (CT_VALUE, SIZE, ReportError, ReportRequest, build_report, check_size_fits,
                                          parse_ct_value, parse_size)
-from preprocessing.vocabulary import CAVITY, VocabularyError, canonical_value
-from preprocessing.vocabulary import attributes as vocabulary_attributes
+from ldm.data.vocabulary import CAVITY, VocabularyError, canonical_value
+from ldm.data.vocabulary import attributes as vocabulary_attributes
 
 ENTRY_LAYOUT = '[shape, "", {attributes}, [[[organ X, Y, Z]], [[lesion X, Y, Z]]]]'
 

@@ -16,8 +16,8 @@ from typing import Any
 from ldm.data.organs import is_hollow, organ_id, organ_name
 from ldm.errors import DataError
 from preprocessing.report_format import CT_VALUE, LOCATION, SIZE, parse_ct_value, parse_size
-from preprocessing.vocabulary import attributes as vocabulary_attributes
-from preprocessing.vocabulary import canonical_value
+from ldm.data.vocabulary import attributes as vocabulary_attributes
+from ldm.data.vocabulary import canonical_value
 
 ORGAN_TYPE = "organ type"
 LESION_TYPE = "lesion type"

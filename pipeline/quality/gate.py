@@ -16,6 +16,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ldm.errors import DataError, LesionDiffusionError
+from ldm.lesion import AGREE, NOT_APPLICABLE, Verdict
 from quality.evaluation import Evaluation, OutputError
 from quality.measure import LesionQuality, measure_output
 from quality.outputs import DEFAULT_LABEL_LIST, OutputSpec, Skipped, paste_rim, read_case_rows
@@ -29,12 +30,23 @@ def _within(value: float | None, low: float, high: float) -> bool | None:
     return None if value is None else bool(low <= value <= high)
 
 
+def _agrees(verdict: Verdict | None) -> bool | None:
+    return None if verdict is None or verdict.verdict == NOT_APPLICABLE else verdict.verdict == AGREE
+
+
+def disagreeing(lesion: LesionQuality, tolerances: Tolerances) -> list[str]:
+    """The attributes of ``fail_attributes`` whose verdict is ``disagree``."""
+    return [name for name in tolerances.fail_attributes if _agrees(lesion.verdict(name)) is False]
+
+
 def grade(lesion: LesionQuality, tolerances: Tolerances) -> LesionQuality:
     """Set ``lesion.checks`` (True pass, False fail, None n/a or disabled) and ``lesion.passed``; returns it."""
     low, high = tolerances.extent_ratio
     extent = None if lesion.extent_ratio_min is None else bool(
         low <= lesion.extent_ratio_min and lesion.extent_ratio_max <= high)
-    density = None if lesion.density_requested is None else lesion.density_measured == lesion.density_requested
+    density = _agrees(lesion.verdict("density"))
+    judged = [_agrees(lesion.verdict(name)) for name in tolerances.fail_attributes]
+    attributes = None if all(verdict is None for verdict in judged) else all(verdict is not False for verdict in judged)
     verdicts = {
         "hu": None if lesion.hu_error is None else abs(lesion.hu_error) <= tolerances.hu_abs,
         "density": density,
@@ -43,8 +55,10 @@ def grade(lesion: LesionQuality, tolerances: Tolerances) -> LesionQuality:
         "extent": extent,
         "components": lesion.components <= tolerances.max_components,
         "unchanged_outside": lesion.changed_outside_voxels <= tolerances.max_changed_outside_voxels,
+        "attributes": attributes,
     }
     lesion.checks = {name: None if name in tolerances.disabled else verdicts[name] for name in CHECKS}
+    lesion.failed_attributes = disagreeing(lesion, tolerances) if lesion.checks["attributes"] is False else []
     lesion.passed = not lesion.failed_checks
     return lesion
 

@@ -1,25 +1,23 @@
 """Measurements of every lesion of one inpainted CT (no pass/fail here: see :mod:`quality.gate`).
 
-Per lesion (a face-connected component of value 2 of the output's mask, largest first):
+Per lesion (a face-connected component of value 2 of the output's mask, ranked by
+:func:`ldm.data.components.ranked_components`, as LINet ranks them):
 
-- size: voxels, volume (mm3), bounding-box extent in voxels along the **file's** axes (the axes the report's
-  ``size`` ``"[[a b c]] pixel,"`` counts along), the report's size, the volume of the ellipsoid inscribed in it
-  (pi/6 a b c voxels, what LMNet aims for) and the ratios;
-- organ: the report entry whose organ overlaps the lesion most (:func:`ldm.data.attributes.select_organ_key` on
-  a window around the lesion), its mask in the segmentation (lung lobes: the union of the report's lobes),
-  dilated by one voxel (26 neighbours) for hollow organs, whose wall is often outside the segmented lumen; the
-  fraction of lesion voxels inside it;
-- HU: mean and standard deviation in the lesion on the inpainted CT, the report's ``CT value``;
-- density: the reference is the **median** HU of the organ (undilated) in a shell of ``shell_mm`` around the
-  lesion, other lesions excluded, read on the **input** CT, so that the lesion's own feathered halo does not pull
-  it (the median ignores partial-volume voxels at the organ's edge); fewer than :data:`MIN_SHELL_VOXELS` shell
-  voxels fall back to the whole organ; contrast = mean - reference;
-- margin sharpness: mean gradient magnitude (HU/mm, central differences with the voxel spacing) on the one-voxel
-  rims inside and outside the lesion boundary;
+- the description :func:`ldm.lesion.describe_lesion` gives on the inpainted CT, in the organ of the report entry
+  that overlaps the lesion most (:func:`ldm.data.attributes.select_organ_key` on a window around the lesion;
+  lung lobes: the union of the report's lobes), with the organ reference read on the **input** CT (so the
+  lesion's own feathered halo does not pull it) and every lesion of the output excluded; sizes count along the
+  **file's** axes (those of the report's ``size``), the voxel volume is ``|det(affine)|``;
+- the request (:class:`ldm.lesion.Request`): the report entry's attributes, its size (``size``, else element
+  ``[3][1]``), its ``CT value``; the ellipsoid inscribed in the size (pi/6 a b c voxels, what LMNet aims for)
+  and the ratios of the measured volume and extent to it;
+- the per-attribute verdicts of :func:`ldm.lesion.compare` (agree / disagree / n/a with the reason);
 - components: mask components whose best-overlapping box of ``bbox.nii.gz`` is this lesion's box (1 without boxes);
 - changes outside the paste region (the exact region :func:`inference.paste.lesion_region` lets the paste touch:
   the lesions and every voxel closer than ``rim_mm`` to them, with the voxel spacing): count and largest
   |difference| in HU against the input CT, for the whole output.
+
+Without a segmentation only size, HU and the numeric checks are measured (no organ to describe the lesion in).
 """
 from __future__ import annotations
 
@@ -33,28 +31,29 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from ldm.data.attributes import organ_mask, report_attributes, read_report, select_organ_key, short_ct_value
-from ldm.data.crops import FACE_CONNECTIVITY
-from ldm.data.organs import is_hollow, organ_name, to_v1
+from ldm.data.components import FACE_CONNECTIVITY, ranked_components, voxel_volume_mm3
+from ldm.data.organs import organ_name, to_v1
 from ldm.data.volume import CANONICAL_AXCODES, Geometry, read_geometry, read_label, read_volume
 from ldm.errors import DataError
+from ldm.lesion import Request, Verdict, compare, describe_lesion
+from ldm.lesion.measure import interior_values
 from inference.paste import lesion_region, rim_voxels, working_dtype
 from preprocessing.report_format import parse_size
-from quality.density import measured_density, requested_density
 from quality.outputs import OutputSpec
+from quality.snapshots import before_after_png
 from quality.tolerances import Tolerances
 
 LESION_VALUE = 2
-MIN_SHELL_VOXELS = 10
 GRID_ATOL_MM = 1e-3
-CUBE = np.ones((3, 3, 3), dtype=bool)
 
 
 @dataclass
 class LesionQuality:
     """Measurements and verdict of one lesion; ``None`` where a value cannot be measured or was not requested.
 
-    Sizes along the file's axes (``*_vox`` triples), HU in HU, lengths in mm, volumes in mm3. ``checks`` maps a
-    check name to True (pass), False (fail) or None (n/a); ``passed`` is True when no check failed."""
+    Sizes along the file's axes (``*_vox`` triples), HU in HU, lengths in mm, volumes in mm3. ``attributes``: the
+    per-attribute verdicts of :func:`ldm.lesion.compare`; ``checks`` maps a check name to True (pass), False
+    (fail) or None (n/a); ``passed`` is True when no check failed."""
 
     case: str
     output: str
@@ -67,10 +66,11 @@ class LesionQuality:
     extent_vox: tuple[int, int, int]
     mean_hu: float
     std_hu: float
-    margin_gradient_hu_per_mm: float
+    interior_mean_hu: float
     components: int
     changed_outside_voxels: int
     changed_outside_max_abs_hu: float
+    margin_gradient_hu_per_mm: float | None = None
     requested_size_vox: tuple[int, int, int] | None = None
     requested_volume_mm3: float | None = None
     volume_ratio: float | None = None
@@ -84,13 +84,21 @@ class LesionQuality:
     density_measured: str | None = None
     density_requested: str | None = None
     box: int | None = None
+    attributes: list[Verdict] = field(default_factory=list)
     checks: dict[str, bool | None] = field(default_factory=dict)
+    failed_attributes: list[str] = field(default_factory=list)
     passed: bool = False
+    preview_png: bytes = field(default=b"", repr=False)
 
     @property
     def failed_checks(self) -> list[str]:
-        """Names of the checks that failed, in check order."""
-        return [name for name, verdict in self.checks.items() if verdict is False]
+        """Names of the checks that failed, in check order; ``attributes`` names the disagreeing ones."""
+        return [f"attributes ({', '.join(self.failed_attributes)})" if name == "attributes" else name
+                for name, verdict in self.checks.items() if verdict is False]
+
+    def verdict(self, attribute: str) -> Verdict | None:
+        """The verdict of ``attribute`` (None when the lesion was not described)."""
+        return next((item for item in self.attributes if item.attribute == attribute), None)
 
 
 def _same_grid(reference: Geometry, other: Geometry, path: Path) -> None:
@@ -103,11 +111,6 @@ def memory_axis_of_file_axes(geometry: Geometry) -> tuple[int, int, int]:
     """For each file axis ``(i, j, k)``, the in-memory ``(z, y, x)`` axis holding it."""
     to_canonical = ornt_transform(io_orientation(geometry.affine), axcodes2ornt(CANONICAL_AXCODES))
     return tuple(2 - int(canonical) for canonical, _ in to_canonical)
-
-
-def voxel_volume_mm3(geometry: Geometry) -> float:
-    """Volume of one voxel in mm3 (oblique grids included)."""
-    return float(abs(np.linalg.det(geometry.affine[:3, :3])))
 
 
 def _grown(box: tuple[slice, ...], margins, shape) -> tuple[slice, ...]:
@@ -153,15 +156,6 @@ def box_assignment(components: np.ndarray, count: int, boxes: np.ndarray | None)
     return assigned
 
 
-def margin_gradient(image: np.ndarray, lesion: np.ndarray, spacing_zyx) -> float:
-    """Mean gradient magnitude (HU/mm) of ``image`` on the inner and outer one-voxel rims of ``lesion``."""
-    gradients = np.gradient(image.astype(np.float64), *spacing_zyx)
-    magnitude = np.sqrt(sum(g ** 2 for g in gradients))
-    rim = (ndimage.binary_dilation(lesion, FACE_CONNECTIVITY) & ~lesion) | (
-        lesion & ~ndimage.binary_erosion(lesion, FACE_CONNECTIVITY))
-    return float(magnitude[rim].mean())
-
-
 def requested_size(report: dict, key: str, attributes: dict[str, Any], source: Path) -> tuple[int, int, int] | None:
     """The report's lesion size (voxels along the file's axes): ``size``, else element ``[3][1]``, else None."""
     if attributes.get("size"):
@@ -170,16 +164,6 @@ def requested_size(report: dict, key: str, attributes: dict[str, Any], source: P
     if len(entry) > 3 and isinstance(entry[3], list) and len(entry[3]) > 1:
         return parse_size(entry[3][1], what=f"{source}: element [3][1]")
     return None
-
-
-def reference_hu(ct: np.ndarray, window: tuple[slice, ...], shell: np.ndarray, organ: np.ndarray,
-                 lesions: np.ndarray) -> float | None:
-    """Median HU of ``ct`` in the ``shell`` (window-shaped), or over the whole ``organ`` outside every lesion
-    when the shell has fewer than :data:`MIN_SHELL_VOXELS` voxels; None when the organ is empty."""
-    if shell.sum() >= MIN_SHELL_VOXELS:
-        return float(np.median(ct[window][shell]))
-    rest = organ & ~lesions
-    return float(np.median(ct[rest])) if rest.any() else None
 
 
 class OutputVolumes:
@@ -203,14 +187,6 @@ class OutputVolumes:
             _same_grid(self.geometry, box_geometry, spec.boxes)
 
 
-def ranked_components(lesions: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Face-connected components of a boolean lesion map: ``(component ids array, ids largest first)``; lesion
-    ``r`` of an output is component ``ids[r]`` (ties in scan order, as LINet ranks them)."""
-    components, _ = ndimage.label(lesions, structure=FACE_CONNECTIVITY)
-    sizes = np.bincount(components.ravel())[1:]
-    return components, [int(index) + 1 for index in np.argsort(-sizes, kind="stable")]
-
-
 def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
                    seg_version: str = "v1", names: tuple[str, str] | None = None) -> list[LesionQuality]:
     """Measure every lesion of one output (module docstring); ``names``: how the output and mask are shown in
@@ -220,7 +196,7 @@ def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
     if not lesions.any():
         raise DataError(f"{spec.mask}: the mask holds no lesion voxel (value {LESION_VALUE})")
     report = read_report(spec.report)
-    components, ranked = ranked_components(lesions)
+    components, ranked, objects = ranked_components(lesions)
     boxes = box_assignment(components, len(ranked), volumes.boxes)
     changed_voxels, changed_max = changed_outside(volumes.ct, volumes.inpainted, lesions, rim_mm,
                                                   volumes.geometry.spacing_zyx)
@@ -228,7 +204,6 @@ def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
     common = dict(case=spec.case_id, output=output_name, mask=mask_name, changed_outside_voxels=changed_voxels,
                   changed_outside_max_abs_hu=round(changed_max, 3))
     boxes_seen = volumes.boxes is not None
-    objects = ndimage.find_objects(components)
     results = []
     for rank, label in enumerate(ranked):
         box = int(boxes[label]) if boxes_seen else None
@@ -239,46 +214,55 @@ def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
     return results
 
 
+def lesion_request(report: dict, key: str, source: Path) -> Request:
+    """What report entry ``key`` asks of its lesion (:class:`ldm.lesion.Request`)."""
+    attributes = report_attributes(report, key)
+    ct_value = attributes.get("CT value")
+    hu = float(short_ct_value(ct_value, source).split()[0]) if isinstance(ct_value, str) and ct_value else None
+    return Request(int(key), attributes, requested_size(report, key, attributes, source), hu)
+
+
 def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, components: np.ndarray, label: int,
                     box: tuple[slice, ...], lesions: np.ndarray, tolerances: Tolerances) -> dict[str, Any]:
     """The per-lesion fields of :class:`LesionQuality` for component ``label`` (bounding box ``box``)."""
-    spacing = volumes.geometry.spacing_zyx
-    margins = [math.ceil(tolerances.shell_mm / s) + 2 for s in spacing]
-    window = _grown(box, margins, components.shape)
-    lesion = components[window] == label
+    geometry = volumes.geometry
+    window = _grown(box, [math.ceil(tolerances.shell_mm / s) + 2 for s in geometry.spacing_zyx], components.shape)
+    local = components[window] == label
     # As LINet does, the organ entry is chosen on a window around the lesion.
-    key = select_organ_key(report, lesion, None if volumes.seg is None else volumes.seg[window])
-    attributes = report_attributes(report, key)
-    values = volumes.inpainted[window][lesion].astype(np.float64)
-    voxels = int(lesion.sum())
-    voxel_mm3 = voxel_volume_mm3(volumes.geometry)
+    key = select_organ_key(report, local, None if volumes.seg is None else volumes.seg[window])
+    request = lesion_request(report, key, report_path)
+    file_axes = memory_axis_of_file_axes(geometry)
+    voxel_mm3 = voxel_volume_mm3(geometry.affine)
+    values = volumes.inpainted[window].astype(np.float64)
+    voxels = int(local.sum())
     extent_zyx = [s.stop - s.start for s in box]
-    extent = tuple(int(extent_zyx[axis]) for axis in memory_axis_of_file_axes(volumes.geometry))
     fields: dict[str, Any] = dict(
         organ=organ_name(key), organ_id=int(key), voxels=voxels, volume_mm3=round(voxels * voxel_mm3, 3),
-        extent_vox=extent, mean_hu=round(float(values.mean()), 3), std_hu=round(float(values.std()), 3),
-        margin_gradient_hu_per_mm=round(margin_gradient(volumes.inpainted[window], lesion, spacing), 3))
-    size = requested_size(report, key, attributes, report_path)
+        extent_vox=tuple(int(extent_zyx[axis]) for axis in file_axes), mean_hu=round(float(values[local].mean()), 3),
+        std_hu=round(float(values[local].std()), 3),
+        interior_mean_hu=round(float(interior_values(values, local).mean()), 3),
+        preview_png=before_after_png(volumes.ct[window], values, local, geometry.spacing_zyx))
+    if volumes.seg is not None:
+        description = describe_lesion(volumes.inpainted, components == label, volumes.seg, geometry.spacing_zyx,
+                                      int(key), voxel_mm3, file_axes, lesions=lesions,
+                                      organ=organ_mask(volumes.seg, report, key), reference_ct=volumes.ct,
+                                      thresholds=tolerances.thresholds)
+        m = description.measurement
+        verdicts = compare(request, description, tolerances.thresholds)
+        density = next(item for item in verdicts if item.attribute == "density")
+        fields.update(inside_organ_fraction=round(m.inside_organ_fraction, 4),
+                      organ_reference_hu=round(m.organ_reference_hu, 3), contrast_hu=round(m.contrast_hu, 3),
+                      margin_gradient_hu_per_mm=round(m.margin_gradient_hu_per_mm, 3), attributes=verdicts,
+                      density_measured=density.measured.rstrip(",") or None,
+                      density_requested=density.requested.rstrip(",") or None)
+    size = request.size_vox
     if size is not None:
         requested = math.pi / 6 * float(np.prod(size)) * voxel_mm3
-        ratios = [e / s for e, s in zip(extent, size)]
+        ratios = [e / s for e, s in zip(fields["extent_vox"], size)]
         fields.update(requested_size_vox=tuple(size), requested_volume_mm3=round(requested, 3),
                       volume_ratio=round(voxels * voxel_mm3 / requested, 4),
                       extent_ratio_min=round(min(ratios), 4), extent_ratio_max=round(max(ratios), 4))
-    if attributes.get("CT value"):
-        requested_hu = float(short_ct_value(attributes["CT value"], report_path).split()[0])
-        fields.update(requested_hu=requested_hu, hu_error=round(fields["mean_hu"] - requested_hu, 3))
-    fields["density_requested"] = requested_density(attributes.get("density"))
-    if volumes.seg is not None:
-        organ_full = organ_mask(volumes.seg, report, key)
-        organ = organ_full[window]
-        inside = ndimage.binary_dilation(organ, CUBE) if is_hollow(int(key)) else organ
-        fields["inside_organ_fraction"] = round(float((lesion & inside).sum()) / voxels, 4)
-        distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-        shell = (distance > 0) & (distance <= tolerances.shell_mm) & organ & ~lesions[window]
-        reference = reference_hu(volumes.ct, window, shell, organ_full, lesions)
-        if reference is not None:
-            contrast = fields["mean_hu"] - reference
-            fields.update(organ_reference_hu=round(reference, 3), contrast_hu=round(contrast, 3),
-                          density_measured=measured_density(contrast, tolerances.iso_band_hu))
+    if request.ct_value_hu is not None:
+        fields.update(requested_hu=request.ct_value_hu,
+                      hu_error=round(fields["interior_mean_hu"] - request.ct_value_hu, 3))
     return fields

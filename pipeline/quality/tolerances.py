@@ -4,9 +4,11 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
 ``n/a`` and does not fail):
 
 =================== ==============================================================================================
-``hu``              ``|mean HU in the lesion - report CT value| <= hu_abs`` (50 HU)
-``density``         measured class (hypo/iso/hyper vs the surrounding organ, iso when within ``iso_band_hu``,
-                    10 HU) equals the report's ``density`` class; ``n/a`` for mixed density or ring enhancement
+``hu``              ``|mean HU of the lesion's interior - report CT value| <= hu_abs`` (50 HU); the interior is
+                    the lesion eroded by one voxel, as ``prepare_dataset.py`` measures the ``CT value`` it writes
+``density``         the ``density`` verdict of :func:`ldm.lesion.compare`: same class (hypo/iso/hyper against the
+                    surrounding organ, iso within ``iso_band_hu``, 10 HU; in a lung: soft tissue mass or ground
+                    glass); ``n/a`` for mixed density or ring enhancement
 ``inside_organ``    fraction of lesion voxels in the report's organ >= ``min_inside_fraction`` (0.9); hollow organs
                     are dilated by one voxel first (their wall is often left out of the segmentation)
 ``volume``          lesion volume / volume of the ellipsoid inscribed in the report's size (the LMNet target) within
@@ -16,6 +18,9 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
 ``unchanged_outside`` voxels of the inpainted CT that differ from the input outside the paste region (the lesions
                     and the ``rim_mm`` around them) <= ``max_changed_outside_voxels``
                     (0); a property of the whole output, so it fails every lesion of that output
+``attributes``      every attribute of ``fail_attributes`` that :func:`ldm.lesion.compare` judges agrees with the
+                    report (one that disagrees fails the lesion; ``n/a`` never fails); the verdicts of the other
+                    attributes are written but do not fail
 =================== ==============================================================================================
 
 ``quality.toml`` (every key optional; unknown keys are errors)::
@@ -30,6 +35,8 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
     max_changed_outside_voxels = 0
     shell_mm = 10.0            # width of the organ shell the density reference is measured in
     disabled = ["extent"]      # checks that never fail
+    fail_attributes = ["lesion location", "density variations", "specific features", "cavity",
+                       "relationship with adjacent organs"]   # attributes whose disagreement fails a lesion
 """
 from __future__ import annotations
 
@@ -41,8 +48,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ldm.errors import ConfigError
+from ldm.lesion import ATTRIBUTES, DEFAULT, Thresholds
 
-CHECKS = ("hu", "density", "inside_organ", "volume", "extent", "components", "unchanged_outside")
+CHECKS = ("hu", "density", "inside_organ", "volume", "extent", "components", "unchanged_outside", "attributes")
+# The attributes the measurement decides reliably on the phantoms and the real CT of the tests (docs/quality.md).
+DEFAULT_FAIL_ATTRIBUTES = ("lesion location", "density variations", "specific features", "cavity",
+                           "relationship with adjacent organs")
 DEFAULT_FILE_NAME = "quality.toml"
 
 
@@ -50,15 +61,22 @@ DEFAULT_FILE_NAME = "quality.toml"
 class Tolerances:
     """Tolerances of the checks (module docstring); HU in HU, lengths in mm, ratios without unit."""
 
-    hu_abs: float = 50.0
-    iso_band_hu: float = 10.0
+    hu_abs: float = DEFAULT.hu_abs
+    iso_band_hu: float = DEFAULT.iso_band_hu
     min_inside_fraction: float = 0.9
     volume_ratio: tuple[float, float] = (0.3, 2.0)
-    extent_ratio: tuple[float, float] = (0.5, 1.5)
+    extent_ratio: tuple[float, float] = DEFAULT.extent_ratio
     max_components: int = 1
     max_changed_outside_voxels: int = 0
-    shell_mm: float = 10.0
+    shell_mm: float = DEFAULT.shell_mm
     disabled: tuple[str, ...] = field(default_factory=tuple)
+    fail_attributes: tuple[str, ...] = DEFAULT_FAIL_ATTRIBUTES
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The description's thresholds with this gate's iso band, shell, HU and extent tolerances."""
+        return replace(DEFAULT, hu_abs=self.hu_abs, iso_band_hu=self.iso_band_hu, shell_mm=self.shell_mm,
+                       extent_ratio=self.extent_ratio)
 
     def with_overrides(self, **values: Any) -> "Tolerances":
         """A copy with the given (non-None) values replaced, checked again."""
@@ -99,8 +117,14 @@ def check_tolerances(tolerances: Tolerances) -> Tolerances:
     unknown = [name for name in disabled if name not in CHECKS]
     if unknown:
         raise ConfigError(f"tolerances.disabled: unknown check(s) {unknown}; checks: {', '.join(CHECKS)}")
+    fail_attributes = tuple(tolerances.fail_attributes)
+    unknown = [name for name in fail_attributes if name not in ATTRIBUTES]
+    if unknown:
+        raise ConfigError(f"tolerances.fail_attributes: unknown attribute(s) {unknown}; attributes: "
+                          f"{', '.join(ATTRIBUTES)}")
     return replace(tolerances, volume_ratio=_range("volume_ratio", tolerances.volume_ratio),
-                   extent_ratio=_range("extent_ratio", tolerances.extent_ratio), disabled=disabled)
+                   extent_ratio=_range("extent_ratio", tolerances.extent_ratio), disabled=disabled,
+                   fail_attributes=fail_attributes)
 
 
 def tolerances_from_mapping(values: Mapping[str, Any], source: str = "tolerances") -> Tolerances:

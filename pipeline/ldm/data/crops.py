@@ -16,11 +16,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
-
+from ldm.data.components import ranked_components
 from ldm.errors import DataError
-
-FACE_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
 
 
 @dataclass(frozen=True)
@@ -77,11 +74,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     """Boolean mask of the largest face-connected component of ``mask`` (the first one in scan order on ties)."""
     mask = np.asarray(mask, dtype=bool)
     box = mask_bbox(mask)
-    components, _ = ndimage.label(mask[box], structure=FACE_CONNECTIVITY)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
+    components, ranked, _ = ranked_components(mask[box])
     largest = np.zeros(mask.shape, dtype=bool)
-    largest[box] = components == int(np.argmax(sizes))
+    largest[box] = components == ranked[0]
     return largest
 
 
