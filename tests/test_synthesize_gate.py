@@ -11,9 +11,9 @@ import synthesize
 
 # Every check off but ``hu``, which no lesion passes at 0 HU: fails by construction, at the LINet stage only.
 ONLY_HU_EXACT = '[tolerances]\nhu_abs = 0.0\ndisabled = ["density", "inside_organ", "volume", "extent", ' \
-                '"components", "unchanged_outside"]\n'
+                '"components", "unchanged_outside", "attributes"]\n'
 NOTHING_CHECKED = '[tolerances]\ndisabled = ["hu", "density", "inside_organ", "volume", "extent", "components", ' \
-                  '"unchanged_outside"]\n'
+                  '"unchanged_outside", "attributes"]\n'
 
 
 @pytest.fixture(scope="module")

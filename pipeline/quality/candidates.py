@@ -1,15 +1,23 @@
-"""The judge of best of K and resampling (:mod:`inference.candidates`): the quality gate's checks on one candidate.
+"""The judge of best of K and resampling (:mod:`inference.candidates`): the quality gate on one candidate.
 
-A candidate is measured in memory exactly as :func:`quality.measure.measure_output` measures a written output
-(same definitions, same tolerances from ``EXP_DIR/quality.toml`` or the defaults) and graded by
-:func:`quality.gate.grade`; only the checks its stage decides count:
+A candidate is measured in memory exactly as :func:`quality.measure.measure_output` measures a written output (the
+one lesion description, :mod:`ldm.lesion`, with the tolerances of ``EXP_DIR/quality.toml`` or the defaults) and
+graded by :func:`quality.gate.grade`. Only what its stage decides counts:
 
-- LMNet (a mask): ``inside_organ``, ``volume``, ``extent``, ``components`` (always one: LMNet keeps the largest
-  part of its sample);
-- LINet (the inpainted lesion): ``hu``, ``density``.
+======  ===============================================================  ==========================================
+stage   report attributes (agree / disagree; n/a counts for neither)       numeric checks
+======  ===============================================================  ==========================================
+LMNet   lesion location, size, shape, cavity, relationship with            inside_organ, volume, extent, components
+        adjacent organs (what a mask shows)
+LINet   CT value, density, density variations, specific features,          hu, density
+        surface characteristics, enhancement status (the inpainted HU)
+======  ===============================================================  ==========================================
 
-``unchanged_outside`` is a property of a whole written output (the paste cannot change anything beyond its rim)
-and is left to the gate after the stage.
+The agreement counts the attributes and the checks that no attribute already states (``extent`` is ``size``,
+``hu`` is ``CT value``, ``density`` is ``density``: same measurement, same tolerance). A candidate **fails** on a
+numeric check of its stage that fails or an attribute of its stage in ``fail_attributes`` that disagrees (unless
+the ``attributes`` check is disabled): what would fail it at the gate. ``unchanged_outside`` is a property of a whole written output (the paste changes
+nothing beyond its rim) and is left to the gate after the stage.
 """
 from __future__ import annotations
 
@@ -19,13 +27,21 @@ from pathlib import Path
 import numpy as np
 
 from ldm.data.crops import mask_bbox
+from ldm.data.volume import Geometry
+from ldm.lesion import AGREE, DISAGREE
 from inference.candidates import Agreement, JudgedCase
 from inference.options import InferenceOptions
 from quality.gate import grade
 from quality.measure import LesionQuality, _measure_lesion
 from quality.tolerances import Tolerances, resolve_tolerances
 
+STAGE_ATTRIBUTES = {
+    "lmnet": ("lesion location", "size", "shape", "cavity", "relationship with adjacent organs"),
+    "linet": ("CT value", "density", "density variations", "specific features", "surface characteristics",
+              "enhancement status"),
+}
 STAGE_CHECKS = {"lmnet": ("inside_organ", "volume", "extent", "components"), "linet": ("hu", "density")}
+STATED_BY_ATTRIBUTE = {"extent": "size", "hu": "CT value", "density": "density"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +51,12 @@ class _InMemory:
     ct: np.ndarray
     inpainted: np.ndarray
     seg: np.ndarray | None
-    geometry: object
+    geometry: Geometry
 
 
 @dataclass(frozen=True)
 class GateJudge:
-    """Judges one candidate with the gate's checks of its stage (module docstring)."""
+    """Judges one candidate with the gate's checks and attributes of its stage (module docstring)."""
 
     tolerances: Tolerances
 
@@ -57,11 +73,19 @@ class GateJudge:
     def __call__(self, stage: str, case: JudgedCase, image: np.ndarray, lesion: np.ndarray,
                  lesions: np.ndarray) -> Agreement:
         quality = self.measure(case, image, lesion, lesions)
-        names = STAGE_CHECKS[stage]
-        disagree = tuple(name for name in names if quality.checks[name] is False)
-        # Every check of the gate fails a lesion (disabled checks are n/a), so what disagrees is what fails.
-        return Agreement(agree=tuple(name for name in names if quality.checks[name] is True), disagree=disagree,
-                         failing=disagree, hu_error=quality.hu_error if stage == "linet" else None)
+        verdicts = {name: getattr(quality.verdict(name), "verdict", None) for name in STAGE_ATTRIBUTES[stage]}
+        checks = {name: quality.checks[name] for name in STAGE_CHECKS[stage]}
+        counted = {name: verdict for name, verdict in checks.items() if name not in STATED_BY_ATTRIBUTE}
+        agree = [name for name, verdict in verdicts.items() if verdict == AGREE]
+        agree += [name for name, verdict in counted.items() if verdict is True]
+        disagree = [name for name, verdict in verdicts.items() if verdict == DISAGREE]
+        disagree += [name for name, verdict in counted.items() if verdict is False]
+        failing = [name for name, verdict in checks.items() if verdict is False]
+        if "attributes" not in self.tolerances.disabled:
+            failing += [name for name, verdict in verdicts.items()
+                        if verdict == DISAGREE and name in self.tolerances.fail_attributes]
+        return Agreement(tuple(agree), tuple(disagree), tuple(failing),
+                         quality.hu_error if stage == "linet" else None)
 
 
 def lesion_judge(options: InferenceOptions) -> GateJudge:
