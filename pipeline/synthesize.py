@@ -3,14 +3,18 @@
     python pipeline/synthesize.py --ct CT.nii.gz [CT2.nii.gz ...] --organ liver --lesion cyst --out DIR \
         [--attributes '{"density": "hypodense lesion"}'] [--seg SEG.nii.gz ...] [--seg-version v2] \
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
-        [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1]
+        [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1] \
+        [--candidates K] [--resample-failed R] [--no-gate]
 
 Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
 affine, data type and scaling, unchanged beyond a thin rim around the lesions) and ``inpainting_0_label.nii.gz``
 (0 background, 1 organ, 2 lesion, same grid), a PNG preview, plus everything ``preprocess.py`` and ``test.py``
 write, and prints a table of what was written with each lesion's warnings. Before any model runs, the weights of
 both configs are checked, the reports are bounded by what the crops hold, and every case is checked (files, crop
-fit, box inside the organ). An identical rerun without ``--overwrite`` reuses the results (``DIR/synthesize.json``).
+fit, box inside the organ). The quality gate runs after LINet unless ``--no-gate``: a lesion that fails its
+checks is sampled again (``--resample-failed``, 2 rounds by default), and a CT whose lesion still fails is
+reported as failed, naming what disagrees, its files kept in ``DIR/<case>/rejected/`` (docs/best_of_k.md). An
+identical rerun without ``--overwrite`` reuses the results (``DIR/synthesize.json``).
 The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
 """
 from __future__ import annotations

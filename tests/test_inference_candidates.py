@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from test_inference_fixtures import inference_config, phantom_dataset, phantom_experiment, phantom_row, \
-    save_checkpoint, write_lists
+from test_inference_fixtures import inference_config, phantom_experiment, phantom_row, write_lists
+from test_inference_phantoms import assets  # noqa: F401 - the fixture: phantoms and tiny random checkpoints
 
 from ldm.data.attributes import read_report
 from ldm.data.volume import read_label, read_volume, write_volume
@@ -20,14 +20,6 @@ from quality.tolerances import Tolerances
 
 LIVER = 5
 BOX = (3, 4, 4)  # z, y, x voxels
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("candidates")
-    return {"root": root, "phantoms": phantom_dataset(root / "phantoms"),
-            "lmnet": save_checkpoint("lmnet", root / "lmnet.ckpt"),
-            "linet": save_checkpoint("linet", root / "linet.ckpt")}
 
 
 def run(stage, assets, exp_dir, **inference):

@@ -22,6 +22,7 @@ EPILOG = """examples:
   python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2
   torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
   python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp inference.ddim_steps=20
+  python pipeline/test.py --base configs/demo/linet_test.yaml --exp demo/exp --candidates 4 --resample-failed 2
 Config paths resolve against pipeline/ when relative and not found from the current directory."""
 
 

@@ -10,7 +10,9 @@ Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, lar
    guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
 3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
    beyond a rim of ``rim_mm`` around the lesion every voxel is the input's. Lesions whose crops no earlier
-   lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`).
+   lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`). With
+   ``candidates`` / ``resample_failed`` a lesion is drawn several times and the best-agreeing one is pasted
+   (:mod:`inference.candidates`).
 
 Outputs, in the case folder (``k`` the first unused number, see :mod:`inference.cases`):
 

@@ -11,6 +11,8 @@ Per case (the CT's grid; boxes = value 2 of the box file, see :mod:`inference.pl
    inside the box that keeps a voxel away from earlier lesions; when the lesion is smaller than ``min_fill`` of
    the target volume another attempt is sampled, and the best of ``attempts`` is kept (first attempts of boxes
    that do not reach each other share a UNet batch, with the one-by-one result: :mod:`inference.box_batches`);
+   with ``candidates`` / ``resample_failed`` a box is drawn several times and the best-agreeing mask is kept
+   (:mod:`inference.candidates`);
 4. the output holds 1 for the organs of the boxes and 2 for the lesions (uint8, the CT's affine and shape).
 
 Use from Python: ``sample_masks(model, read_cases(exp_dir, options.lists), options)``.
