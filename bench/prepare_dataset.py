@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "pipeline"), str(ROOT)]
 
 import prepare_dataset  # noqa: E402
-from quality.density import requested_density  # noqa: E402
+from ldm.lesion.compare import density_class  # noqa: E402
 from tests.prepare_builders import make_case, make_example_ct_case, write_dataset_json  # noqa: E402
 
 EXAMPLE = ROOT.parent / "shared" / "data" / "totalseg-example"
@@ -41,7 +41,7 @@ def known_row(known, options: dict) -> dict:
 def measured_row(case: dict) -> dict:
     attributes = case["attributes"]
     return {"size": attributes["size"], "ct_value": attributes["CT value"].split("approximately ")[1],
-            "density": attributes["density"], "density_class": requested_density(attributes["density"]),
+            "density": attributes["density"], "density_class": density_class(attributes["density"], lung=False),
             "shape": attributes["shape"], "cavity": attributes["cavity"],
             "variations": attributes["density variations"], "surface": attributes["surface characteristics"],
             "features": attributes["specific features"], "enhancement": attributes["enhancement status"],

@@ -1,6 +1,8 @@
 """Check every synthetic lesion of an experiment folder against its report: size, organ, HU, density, margin,
 untouched background, components. Writes ``EXP_DIR/quality.csv`` (one row per lesion, pass/fail per check),
-``EXP_DIR/quality_summary.json`` and ``EXP_DIR/quality.png``.
+``EXP_DIR/quality_summary.json``, ``EXP_DIR/quality.png``, the per-attribute agreement ``EXP_DIR/fidelity.csv`` and
+``fidelity.png`` (:mod:`quality.fidelity`) and the page to review the run, ``EXP_DIR/review.html``
+(:mod:`quality.review`). The console ends with the fidelity table and names the weakest attributes.
 
     python pipeline/evaluate.py EXP_DIR [--tolerances quality.toml] [--hu-abs 50] [--disable extent] ...
 
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.cli import run_command  # noqa: E402
 from quality.evaluation import Evaluation  # noqa: E402
+from quality.fidelity import fidelity, weakest  # noqa: E402
 from quality.gate import evaluate_outputs  # noqa: E402
 from quality.measure import LesionQuality  # noqa: E402
 from quality.outputs import WHICH, find_outputs, paste_rim, read_linet_report  # noqa: E402
@@ -111,7 +114,15 @@ def summary_lines(evaluation: Evaluation, exp_dir: Path) -> list[str]:
     if len(failed) > MAX_LISTED:
         lines.append(f"  ... and {len(failed) - MAX_LISTED} more (see quality.csv)")
     lines.extend(f"  skipped {item.case_id}: {item.reason}" for item in evaluation.skipped)
-    lines.append(f"table: {exp_dir / 'quality.csv'}; summary: {exp_dir / 'quality_summary.json'}")
+    rows = fidelity(lesions)
+    judged = [row for row in rows if row.judged]
+    if judged:
+        lines.append("fidelity (agreement with the reports, lesions judged):")
+        lines.extend(f"  {row.attribute:<34} {100 * row.rate:5.1f} %  ({row.agree} of {row.judged})" for row in judged)
+        lines.append("  weakest attributes: " + ", ".join(f"{row.attribute} ({100 * row.rate:.0f} %)"
+                                                         for row in weakest(rows)))
+    lines.append(f"table: {exp_dir / 'quality.csv'}; summary: {exp_dir / 'quality_summary.json'}; fidelity: "
+                 f"{exp_dir / 'fidelity.csv'}; review: {exp_dir / 'review.html'}")
     return lines
 
 

@@ -39,6 +39,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E40
 
 from ldm.callbacks import LastCheckpoint, SetupCallback  # noqa: E402
 from ldm.cli import parse_gpus, split_overrides  # noqa: E402
+from ldm.distributed import detect_launch  # noqa: E402
 from ldm.errors import ConfigError, LesionDiffusionError, MissingWeightsError  # noqa: E402
 from ldm.models.checkpoint import checkpoint_trust, lightning_allow_list  # noqa: E402
 from ldm.runs import (  # noqa: E402
@@ -46,7 +47,6 @@ from ldm.runs import (  # noqa: E402
 )
 from ldm.util import instantiate_from_config, load_config, seed_everything  # noqa: E402
 
-TORCHRUN_VARIABLES = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 TRAINER_FLAGS = ("accelerator", "num_nodes", "precision", "max_steps", "max_epochs", "strategy")
 DEFAULT_CALLBACKS = {
     "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {"batch_frequency": 1000, "sample_steps": 10}},
@@ -114,24 +114,19 @@ def parse_devices(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def under_torchrun() -> bool:
-    """True in a process started by torchrun (torch elastic sets these variables)."""
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
-
-
 def under_slurm() -> bool:
-    """True in a task that ``srun`` started (not an interactive allocation, not torchrun inside SLURM)."""
-    return SLURMEnvironment.detect() and not under_torchrun()
+    """True in a task that ``srun`` started (:func:`ldm.distributed.detect_launch`) and that Lightning manages (not
+    an interactive allocation, not torchrun inside SLURM)."""
+    return detect_launch().launcher == "slurm" and SLURMEnvironment.detect()
 
 
 def launcher_layout() -> tuple[int, int, str] | None:
     """``(processes per node, nodes, what to match)`` when torchrun or SLURM's srun started this process, else None."""
-    if under_torchrun():
-        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
-        return local, world // local, "torchrun's --nproc_per_node"
+    launch = detect_launch()
+    if launch.launcher == "torchrun":
+        return launch.processes_on_node, launch.nodes, "torchrun's --nproc_per_node"
     if under_slurm():
-        nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
-        return int(os.environ["SLURM_NTASKS"]) // nodes, nodes, "SLURM's --ntasks-per-node"
+        return launch.processes_on_node, launch.nodes, "SLURM's --ntasks-per-node"
     return None
 
 

@@ -23,7 +23,7 @@ from ldm.errors import ConfigError
 from ldm.util import resolve_path
 
 if TYPE_CHECKING:
-    from inference.distributed import Launch
+    from ldm.distributed import Launch
 
 DEFAULT_SPACING_MM = 1.0
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from preprocessing.cases import preprocess
     from preprocessing.inputs import read_cases
     from preprocessing.segment import ready_to_segment
-    from inference.distributed import detect_launch
+    from ldm.distributed import detect_launch
 
     options = _options(args)
     cwd = Path.cwd()

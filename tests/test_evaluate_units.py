@@ -13,7 +13,7 @@ from ldm.data.components import ranked_components
 from ldm.lesion import ATTRIBUTES, Verdict
 from ldm.lesion.measure import margin_gradient
 from quality.gate import grade
-from quality.measure import LesionQuality, box_assignment, changed_outside, memory_axis_of_file_axes
+from quality.measure import LesionQuality, box_assignment, changed_outside
 from quality.plot import equivalent_diameter_mm
 from quality.tolerances import CHECKS, Tolerances, load_tolerances, resolve_tolerances, tolerances_from_mapping
 
@@ -105,7 +105,7 @@ def test_extents_are_reported_along_the_file_axes(tmp_path, axcodes):
     mask, geometry = read_label(tmp_path / "mask.nii.gz")
     assert nib.aff2axcodes(geometry.affine) == axcodes
     extent_zyx = [int(np.ptp(np.argwhere(mask == 2)[:, axis])) + 1 for axis in range(3)]
-    assert tuple(extent_zyx[axis] for axis in memory_axis_of_file_axes(geometry)) == (3, 7, 5)
+    assert tuple(extent_zyx[axis] for axis in geometry.memory_axes) == (3, 7, 5)
     write_volume(tmp_path / "back.nii.gz", mask, geometry, dtype=np.uint8)
     assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "back.nii.gz")).dataobj), file_array)
     assert read_geometry(tmp_path / "back.nii.gz").shape == file_shape

@@ -18,7 +18,7 @@ from ldm.data.volume import read_volume
 from inference.cases import read_cases
 from ldm.errors import ConfigError
 from inference.devices import Placement, cpu_threads_per_process, launch_placement
-from inference.distributed import Launch, detect_launch, process_group, shard, slurm_tasks_on_node
+from ldm.distributed import Launch, detect_launch, process_group, shard, slurm_tasks_on_node
 from inference.journal import CaseJournal, run_fingerprint
 from inference.options import parse_options
 from inference.runner import load_model, run_inference, run_stage
@@ -153,3 +153,16 @@ def test_rerun_after_an_interrupted_run_redoes_only_the_missing_cases(setup, tmp
 
     again = run_inference(config)   # a completed run leaves no journal: the next run is a new one
     assert all(Path(result.outputs["mask"]).name == "samples_1.nii.gz" for result in again.results)
+
+
+def test_slurm_without_tasks_per_node_divides_the_tasks_over_the_nodes_and_shard_takes_any_placement():
+    launch = detect_launch({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
+                            "SLURM_LOCALID": "1"})
+    assert (launch.launcher, launch.rank, launch.world, launch.processes_on_node, launch.nodes) == ("slurm", 5, 8, 4, 2)
+    torchrun = detect_launch({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"})
+    assert (torchrun.processes_on_node, torchrun.nodes) == (4, 2)
+
+    class Placement:  # what inference.runner shards by: anything with rank and world
+        rank, world = 1, 3
+
+    assert shard(list(range(8)), Placement()) == [1, 4, 7]

@@ -18,7 +18,7 @@ from ldm.data.lists import read_aligned_lists
 from ldm.data.volume import read_label
 from ldm.util import instantiate_from_config, load_config
 from ldm.lesion import DEFAULT
-from quality.density import requested_density
+from ldm.lesion.compare import density_class
 from tests.prepare_builders import LIVER, make_case, write_dataset_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_reports_state_what_was_put_there(prepared):
         hu = int(attributes["CT value"].split("approximately ")[1].split()[0])
         assert abs(hu - known.mean_hu) <= 2
         assert abs(hu - (known.organ_hu + known.offset_hu)) <= 3
-        assert requested_density(attributes["density"]) == ("hypo" if known.offset_hu < 0 else "hyper")
+        assert density_class(attributes["density"], lung=False) == ("hypo" if known.offset_hu < 0 else "hyper")
         assert attributes["cavity"] == ("protruding from the parenchymal organ," if known.position == "surface"
                                         else "within the parenchymal organ,")
         assert attributes["shape"] == ("irregular," if known.irregular else "round-like,")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import prepare_dataset
-from quality.density import requested_density
+from ldm.lesion.compare import density_class
 from tests.prepare_builders import LIVER, make_example_ct_case, write_dataset_json
 
 OFFSETS = {"ct_hypo": -50.0, "ct_hyper": 45.0}
@@ -45,7 +45,7 @@ def test_reports_state_the_inserted_lesions(prepared):
         assert attributes["size"] == f"[[{' '.join(map(str, lesion.size_vox))}]] pixel,"
         hu = int(attributes["CT value"].split("approximately ")[1].split()[0])
         assert abs(hu - (lesion.organ_hu + lesion.offset_hu)) <= 3
-        assert requested_density(attributes["density"]) == ("hypo" if lesion.offset_hu < 0 else "hyper")
+        assert density_class(attributes["density"], lung=False) == ("hypo" if lesion.offset_hu < 0 else "hyper")
         assert abs(case["lesion"]["organ_reference_hu"] - lesion.organ_hu) <= 10
         assert attributes["cavity"] == "within the parenchymal organ,"
         assert attributes["density variations"] == "homogeneous,"

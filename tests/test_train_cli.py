@@ -6,6 +6,7 @@ import pytest
 
 import main
 from ldm.cli import parse_gpus, split_overrides
+from ldm.distributed import TORCHRUN_VARIABLES
 from ldm.errors import ConfigError, MissingWeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_run_folder_name_resume_and_refusal_to_overwrite(tmp_path):
 
 
 def test_trainer_settings_follow_torchrun_and_the_flags(monkeypatch):
-    for name in main.TORCHRUN_VARIABLES + ("WORLD_SIZE",):
+    for name in TORCHRUN_VARIABLES + ("GROUP_RANK",):
         monkeypatch.delenv(name, raising=False)
     opt, _ = options("--max_steps", "7", "--precision", "bf16-mixed")
     settings = main.trainer_settings(opt, {"max_epochs": 5, "max_steps": 1}, manual_optimization=False)
@@ -165,7 +166,7 @@ def test_base_is_found_in_pipeline_and_the_given_flags_are_recorded(tmp_path, mo
 
 
 def test_trainer_settings_follow_slurm_srun(monkeypatch):
-    for name in main.TORCHRUN_VARIABLES + ("WORLD_SIZE",):
+    for name in TORCHRUN_VARIABLES + ("GROUP_RANK",):
         monkeypatch.delenv(name, raising=False)
     slurm = {"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NAME": "lmnet", "SLURM_JOB_ID": "17",
              "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]"}

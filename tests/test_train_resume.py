@@ -17,6 +17,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 import main
 from ldm.callbacks.checkpointing import remove_partial_writes
 from ldm.cli import split_overrides
+from ldm.distributed import TORCHRUN_VARIABLES
 from ldm.errors import ConfigError, DataError
 from ldm.fileio import atomic_path
 from ldm.runs import resolve_run, resumed_seed, run_seed
@@ -143,7 +144,7 @@ def test_slurm_sigusr1_saves_after_the_batch_and_requeues(phantoms, tmp_path, mo
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')  # SLURM's tool is absent here
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for name in main.TORCHRUN_VARIABLES:
+    for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "lmnet", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "1"}

@@ -105,7 +105,7 @@ def plan_placements(gpus: Sequence[int], visible_gpus: int, vq_device: str, devi
 
 def launch_placement(rank: int, world: int, local_rank: int, visible_gpus: int, vq_device: str,
                      device: str = "auto", local_world: int | None = None) -> Placement:
-    """The placement of process ``rank`` of ``world`` started by torchrun or srun (:mod:`inference.distributed`).
+    """The placement of process ``rank`` of ``world`` started by torchrun or srun (:mod:`ldm.distributed`).
 
     ``auto`` samples on ``cuda:<local_rank>``, or on ``cuda:0`` when the launcher gives each process one GPU of its
     own (one visible), else on the CPU; the VQ stays on that device or goes to the CPU. ``local_world``: processes

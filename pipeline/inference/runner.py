@@ -5,7 +5,7 @@ The stage follows the model class (``MaskDiffusion`` -> LMNet, ``InpaintingDiffu
 placements (``--gpus 0,2``) each runs in its own spawned process on the cases ``rank::world``; results come back
 to this process, which writes ``<exp>/label_list.txt`` (LMNet: one row per case of ``img_list.txt``, what LINet
 reads next) and ``<exp>/<stage>_report.json`` (options and, per case, outputs, lesions, seeds, errors). Under
-torchrun or srun each process runs its share and rank 0 writes those files (:mod:`inference.distributed`).
+torchrun or srun each process runs its share and rank 0 writes those files (:mod:`ldm.distributed`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from inference.candidates import JudgeFactory, judging, require_judge
 from inference.cases import CaseSpec, read_cases, write_list
 from inference.devices import (Placement, cpu_threads_per_process, launch_placement, plan_placements,
                                visible_gpu_count)
-from inference.distributed import broadcast_from_main, detect_launch, gather_to_main, process_group
+from ldm.distributed import broadcast_from_main, detect_launch, gather_to_main, process_group, shard
 from inference.journal import CaseJournal, run_fingerprint
 from inference.lmnet import label_list_entries, sample_masks
 from inference.linet import inpaint_cases
@@ -122,9 +122,9 @@ def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Seque
     elif placement.processes_on_node > 1:
         torch.set_num_threads(cpu_threads_per_process(os.cpu_count(), placement.processes_on_node))
     model = load_model(config, placement.device, placement.vq_device)
-    shard = list(cases)[placement.rank::placement.world]
+    own = shard(cases, placement)
     # Step bars of several processes would overwrite each other's lines: only a single process shows them.
-    return run_stage(model, stage, shard, options, debug, position=placement.rank,
+    return run_stage(model, stage, own, options, debug, position=placement.rank,
                      step_progress=options.progress and placement.world == 1, journal=journal, judge=judge)
 
 
@@ -188,7 +188,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
 
     ``gpus``: CUDA ids, one process each (none: one process on ``inference.device``); ``placements`` replaces
     that plan (e.g. two CPU processes). Under torchrun or srun this process runs its share of the cases and rank 0
-    merges them (:mod:`inference.distributed`). Cases an interrupted run of the same settings finished are kept
+    merges them (:mod:`ldm.distributed`). Cases an interrupted run of the same settings finished are kept
     (:mod:`inference.journal`). ``after_stage(stage, exp_dir, results, options)``: runs on the results before the
     report is written and returns what it dropped (``quality.gate.gate_stage``, the quality gate, which
     ``inference.quality_gate: true`` needs; inference itself never imports the quality package). ``judge``: the

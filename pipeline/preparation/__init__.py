@@ -2,8 +2,9 @@
 
 Modules, in the order a case goes through them: ``source`` (the dataset: ``dataset.json``, cases, label names),
 ``case`` (one case: standardised CT, 0/1/2 label, organ segmentations, report; timed, fingerprinted, skipped
-when done), ``measure`` (what the scan says about the lesion: size, HU, contrast, spread, shape, margin,
-position), ``phrases`` (measurements -> vocabulary phrases, with the thresholds), ``report`` (the ``type.json``,
-validated like the reporters' output; optional LLM refinement), ``outputs`` (seeded split, aligned lists,
-``data*.yaml`` fragments, ``prepare_report.json``) and ``run`` (all cases in parallel, then the outputs).
+when done; the lesion is described by :mod:`ldm.lesion`, the one description of a lesion the quality gate uses
+too), ``report`` (the ``type.json``, validated like the reporters' output; optional LLM refinement), ``outputs``
+(seeded split, aligned lists, ``data*.yaml`` fragments, ``prepare_report.json``) and ``run`` (all cases in
+parallel, then the outputs). ``describe`` is ``describe.py``'s logic: every lesion of a label map described on
+its CT, as a case's report would be.
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.fileio import write_json_atomic, write_text_atomic
-from inference.distributed import Launch, gather_to_main, process_group, shard
+from ldm.distributed import Launch, gather_to_main, process_group, shard
 
 from preprocessing.case import OUTPUT_FILES, CaseResult, PreprocessOptions, process_case
 from preprocessing.case_run import run_in_threads
@@ -62,7 +62,7 @@ def preprocess(cases: list[CaseInput], exp_dir: Path, options: PreprocessOptions
                segmentation_workers: int = 1, progress: bool = True, launch: Launch | None = None) -> list[CaseResult]:
     """Run all cases and write the lists and the run report into ``exp_dir``; returns the results in input order.
 
-    Under torchrun or srun (``launch``, see :mod:`inference.distributed`) each process runs the cases
+    Under torchrun or srun (``launch``, see :mod:`ldm.distributed`) each process runs the cases
     ``rank, rank + world, ...`` and returns their results; rank 0 gathers all and alone writes the lists and the
     report, which equal a single process's (a case's randomness depends on its row only)."""
     launch = launch or Launch()

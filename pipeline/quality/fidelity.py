@@ -3,7 +3,8 @@
 ``fidelity.csv``: one row per report attribute (:data:`ldm.lesion.ATTRIBUTES`): ``lesions_judged`` (verdict agree or
 disagree), ``agreement_rate`` (agree / judged; empty when none was judged), ``agree``, ``disagree``, ``not_applicable``
 (n/a, whatever the reason, including "not requested"). ``fidelity.png``: one small confusion matrix per judged
-attribute, requested phrase (rows) x measured phrase (columns), lesion counts in the cells. Lesions that were not
+phrase attribute, requested phrase (rows) x measured phrase (columns), lesion counts in the cells (size and CT value
+are numbers, drawn requested against measured in ``quality.png``). Lesions that were not
 described (no segmentation) count nowhere.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ CSV_NAME = "fidelity.csv"
 PLOT_NAME = "fidelity.png"
 COLUMNS = ("attribute", "lesions_judged", "agreement_rate", "agree", "disagree", "not_applicable")
 MAX_LABEL = 28
+NUMERIC = ("size", "CT value")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def _short(text: str) -> str:
 
 def plot_fidelity(lesions: Sequence[LesionQuality], path: Path, dpi: int = 80) -> Path:
     """Write the confusion matrices (module docstring) to ``path``; returns it."""
-    attributes = [name for name in ATTRIBUTES if confusion(lesions, name)[2].size]
+    attributes = [name for name in ATTRIBUTES if name not in NUMERIC and confusion(lesions, name)[2].size]
     columns = 3
     rows = max(1, -(-len(attributes) // columns))
     figure = Figure(figsize=(4.2 * columns, 3.2 * rows))

@@ -5,8 +5,8 @@ Per lesion (a face-connected component of value 2 of the output's mask, ranked b
 
 - the description :func:`ldm.lesion.describe_lesion` gives on the inpainted CT, in the organ of the report entry
   that overlaps the lesion most (:func:`ldm.data.attributes.select_organ_key` on a window around the lesion;
-  lung lobes: the union of the report's lobes), with the organ reference read on the **input** CT (so the
-  lesion's own feathered halo does not pull it) and every lesion of the output excluded; sizes count along the
+  lung lobes: the union of the report's lobes), every lesion of the output excluded from the organ reference:
+  exactly what ``describe.py`` says of the output (the same phrases for the same lesion); sizes count along the
   **file's** axes (those of the report's ``size``), the voxel volume is ``|det(affine)|``;
 - the request (:class:`ldm.lesion.Request`): the report entry's attributes, its size (``size``, else element
   ``[3][1]``), its ``CT value``; the ellipsoid inscribed in the size (pi/6 a b c voxels, what LMNet aims for)
@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from ldm.data.attributes import organ_mask, report_attributes, read_report, select_organ_key, short_ct_value
 from ldm.data.components import FACE_CONNECTIVITY, ranked_components, voxel_volume_mm3
 from ldm.data.organs import organ_name, to_v1
-from ldm.data.volume import CANONICAL_AXCODES, Geometry, read_geometry, read_label, read_volume
+from ldm.data.volume import Geometry, read_geometry, read_label, read_volume
 from ldm.errors import DataError
 from ldm.lesion import Request, Verdict, compare, describe_lesion
 from ldm.lesion.measure import interior_values
@@ -105,12 +104,6 @@ def _same_grid(reference: Geometry, other: Geometry, path: Path) -> None:
     if reference.shape_zyx != other.shape_zyx or not np.allclose(reference.affine, other.affine, atol=GRID_ATOL_MM):
         raise DataError(f"{path}: its voxel grid (shape {other.shape}) differs from the input CT's "
                         f"({reference.source}, shape {reference.shape}); every volume of a case must share one grid")
-
-
-def memory_axis_of_file_axes(geometry: Geometry) -> tuple[int, int, int]:
-    """For each file axis ``(i, j, k)``, the in-memory ``(z, y, x)`` axis holding it."""
-    to_canonical = ornt_transform(io_orientation(geometry.affine), axcodes2ornt(CANONICAL_AXCODES))
-    return tuple(2 - int(canonical) for canonical, _ in to_canonical)
 
 
 def _grown(box: tuple[slice, ...], margins, shape) -> tuple[slice, ...]:
@@ -231,7 +224,7 @@ def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, com
     # As LINet does, the organ entry is chosen on a window around the lesion.
     key = select_organ_key(report, local, None if volumes.seg is None else volumes.seg[window])
     request = lesion_request(report, key, report_path)
-    file_axes = memory_axis_of_file_axes(geometry)
+    file_axes = geometry.memory_axes
     voxel_mm3 = voxel_volume_mm3(geometry.affine)
     values = volumes.inpainted[window].astype(np.float64)
     voxels = int(local.sum())
@@ -245,8 +238,7 @@ def _measure_lesion(volumes: OutputVolumes, report: dict, report_path: Path, com
     if volumes.seg is not None:
         description = describe_lesion(volumes.inpainted, components == label, volumes.seg, geometry.spacing_zyx,
                                       int(key), voxel_mm3, file_axes, lesions=lesions,
-                                      organ=organ_mask(volumes.seg, report, key), reference_ct=volumes.ct,
-                                      thresholds=tolerances.thresholds)
+                                      organ=organ_mask(volumes.seg, report, key), thresholds=tolerances.thresholds)
         m = description.measurement
         verdicts = compare(request, description, tolerances.thresholds)
         density = next(item for item in verdicts if item.attribute == "density")

@@ -1,6 +1,7 @@
 """``quality.png``: requested versus measured mean HU and size, one dot per lesion, coloured by the overall verdict.
 
-Left: the report's ``CT value`` against the lesion's mean HU, with the identity line and the ``hu_abs`` band.
+Left: the report's ``CT value`` against the mean HU of the lesion's interior (what the ``hu`` check compares),
+with the identity line and the ``hu_abs`` band.
 Right: size as the equivalent-sphere diameter (mm), ``(6 V / pi)^(1/3)``: for the request, V is the ellipsoid
 inscribed in the report's size (its diameter is the geometric mean of the three axes in mm); the band is the
 ``volume_ratio`` tolerance. Lesions that passed every check are green dots, the others red crosses; a lesion
@@ -67,11 +68,12 @@ def plot_quality(lesions: Sequence[LesionQuality], tolerances: Tolerances, path:
     figure = Figure(figsize=(10.0, 4.6))
     FigureCanvasAgg(figure)
     hu_axes, size_axes = figure.subplots(1, 2)
-    hu_points = [(lesion.requested_hu, lesion.mean_hu, lesion) for lesion in lesions if lesion.requested_hu is not None]
+    hu_points = [(lesion.requested_hu, lesion.interior_mean_hu, lesion) for lesion in lesions
+                 if lesion.requested_hu is not None]
     size_points = [(equivalent_diameter_mm(lesion.requested_volume_mm3), equivalent_diameter_mm(lesion.volume_mm3),
                     lesion) for lesion in lesions if lesion.requested_volume_mm3 is not None]
     _panel(hu_axes, hu_points, len(lesions), (-tolerances.hu_abs, tolerances.hu_abs), False, ("hu", "density"),
-           ("requested CT value (HU)", "measured mean in the lesion (HU)", "Lesion HU"))
+           ("requested CT value (HU)", "measured mean of the lesion's interior (HU)", "Lesion HU"))
     ratios = tuple(ratio ** (1.0 / 3.0) for ratio in tolerances.volume_ratio)
     _panel(size_axes, size_points, len(lesions), ratios, True, ("volume", "extent"),
            ("requested size: ellipsoid, equivalent diameter (mm)", "measured equivalent diameter (mm)", "Lesion size"))

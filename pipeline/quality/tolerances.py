@@ -35,7 +35,7 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
     max_changed_outside_voxels = 0
     shell_mm = 10.0            # width of the organ shell the density reference is measured in
     disabled = ["extent"]      # checks that never fail
-    fail_attributes = ["lesion location", "density variations", "specific features", "cavity",
+    fail_attributes = ["lesion location", "density variations", "cavity",
                        "relationship with adjacent organs"]   # attributes whose disagreement fails a lesion
 """
 from __future__ import annotations
@@ -52,8 +52,7 @@ from ldm.lesion import ATTRIBUTES, DEFAULT, Thresholds
 
 CHECKS = ("hu", "density", "inside_organ", "volume", "extent", "components", "unchanged_outside", "attributes")
 # The attributes the measurement decides reliably on the phantoms and the real CT of the tests (docs/quality.md).
-DEFAULT_FAIL_ATTRIBUTES = ("lesion location", "density variations", "specific features", "cavity",
-                           "relationship with adjacent organs")
+DEFAULT_FAIL_ATTRIBUTES = ("lesion location", "density variations", "cavity", "relationship with adjacent organs")
 DEFAULT_FILE_NAME = "quality.toml"
 
 

@@ -57,6 +57,11 @@ class Geometry:
         return tuple(float(s) for s in sizes[::-1])
 
     @property
+    def memory_axes(self) -> tuple[int, int, int]:
+        """For each file axis ``(i, j, k)``, the in-memory ``(z, y, x)`` axis holding it."""
+        return tuple(2 - int(canonical) for canonical, _ in self._to_canonical)
+
+    @property
     def shape_zyx(self) -> tuple[int, int, int]:
         """Shape of the in-memory ``(z, y, x)`` array."""
         permuted = [0, 0, 0]

@@ -8,7 +8,7 @@ Public API (arrays share one grid and axis order; ``spacing`` in mm along those 
 
     description = describe_lesion(ct_hu, lesion_mask, seg_v1, spacing, organ_id=None,
                                   voxel_mm3=None, file_axes=None, lesions=None, organ=None,
-                                  reference_ct=None, thresholds=DEFAULT)
+                                  thresholds=DEFAULT)
     description.measurement      # LesionMeasurement: every number behind the phrases (HU, mm, mm3, voxels)
     description.phrases.values   # {attribute: "phrase,"} in the vocabulary of description.json, plus cavity
     description.phrases.undecided  # attributes the image could not decide (their fallback phrase is in values)
@@ -22,8 +22,7 @@ Public API (arrays share one grid and axis order; ``spacing`` in mm along those 
   the one holding most of it); ``voxel_mm3``: ``|det(affine)|`` (:func:`ldm.data.components.voxel_volume_mm3`);
   ``file_axes[a]``: the array axis holding file axis ``a``, so ``size_vox`` counts along the file's axes;
   ``lesions``: every lesion voxel (excluded from the organ reference; default the lesion); ``organ``: the organ's
-  voxels (default: the organ's ids in ``seg_v1``, every lung lobe for a lobe); ``reference_ct``: the CT the organ
-  reference is read on (default ``ct_hu``).
+  voxels (default: the organ's ids in ``seg_v1``, every lung lobe for a lobe).
 - Components: :func:`ldm.data.components.ranked_components` numbers lesions largest first, as every stage does.
 - Definitions: :mod:`ldm.lesion.measure`; phrases: :mod:`ldm.lesion.phrases`; agreement: :mod:`ldm.lesion.compare`;
   every threshold: :mod:`ldm.lesion.thresholds`.
@@ -80,8 +79,7 @@ def organ_voxels(segmentation: np.ndarray, organ_id: int) -> np.ndarray:
 def describe_lesion(ct_hu: np.ndarray, lesion_mask: np.ndarray, seg_v1: np.ndarray, spacing: Sequence[float],
                     organ_id: int | None = None, voxel_mm3: float | None = None,
                     file_axes: Sequence[int] | None = None, lesions: np.ndarray | None = None,
-                    organ: np.ndarray | None = None, reference_ct: np.ndarray | None = None,
-                    thresholds: Thresholds = DEFAULT) -> LesionDescription:
+                    organ: np.ndarray | None = None, thresholds: Thresholds = DEFAULT) -> LesionDescription:
     """Measure one lesion and phrase it (module docstring). DataError when the lesion is empty, no organ is
     given or found, or the organ has no voxel outside the lesions."""
     lesion = np.asarray(lesion_mask, dtype=bool)
@@ -96,6 +94,6 @@ def describe_lesion(ct_hu: np.ndarray, lesion_mask: np.ndarray, seg_v1: np.ndarr
     lesions = lesion if lesions is None else np.asarray(lesions, dtype=bool)
     if not (organ & ~lesions).any():
         raise DataError(f"the segmentation holds no {organ_name(organ_id)} voxel outside the lesions")
-    measurement = measure_lesion(ct_hu, lesion, lesions, organ, seg_v1, organ_id, spacing, thresholds,
-                                 reference_ct, voxel_mm3, file_axes)
+    measurement = measure_lesion(ct_hu, lesion, lesions, organ, seg_v1, organ_id, spacing, thresholds, voxel_mm3,
+                                 file_axes)
     return LesionDescription(organ_id, located, measurement, measured_phrases(measurement, organ_id, thresholds))

@@ -13,9 +13,7 @@ unless ``file_axes`` says which array axis holds each file axis. Thresholds: :mo
   than ``min_voxels`` voxels. The report's ``CT value``, the density and the gate's HU check use the interior
   mean, as a reader's region of interest would;
 - ``organ_reference_hu``: median HU of the organ within ``shell_mm`` of the lesion, every lesion excluded (the
-  whole organ outside the lesions when that shell has fewer than ``min_voxels`` voxels), read on ``reference_ct``
-  (default: the CT itself; the gate passes the input CT, so a synthetic lesion's feathered halo does not pull
-  it); ``organ_noise_hu``: a robust standard deviation (1.4826 x median absolute deviation) of the same voxels,
+  whole organ outside the lesions when that shell has fewer than ``min_voxels`` voxels); ``organ_noise_hu``: a robust standard deviation (1.4826 x median absolute deviation) of the same voxels,
   so vessels do not count as noise; ``contrast_hu = interior_mean_hu - organ_reference_hu``;
 - ``below_fraction``/``above_fraction``: interior voxels below ``reference - iso_band_hu`` / above
   ``reference + iso_band_hu``; ``low_tail``/``high_tail``: interior voxels further than ``tail_stds`` noise
@@ -204,22 +202,20 @@ def aorta_hu(ct: np.ndarray, segmentation: np.ndarray, min_voxels: int = DEFAULT
 
 def measure_lesion(ct: np.ndarray, lesion: np.ndarray, lesions: np.ndarray, organ: np.ndarray,
                    segmentation: np.ndarray, organ_id: int, spacing: Sequence[float],
-                   thresholds: Thresholds = DEFAULT, reference_ct: np.ndarray | None = None,
-                   voxel_mm3: float | None = None, file_axes: Sequence[int] | None = None) -> LesionMeasurement:
+                   thresholds: Thresholds = DEFAULT, voxel_mm3: float | None = None, file_axes: Sequence[int] | None = None) -> LesionMeasurement:
     """Measure ``lesion`` (one component of ``lesions``) against ``organ`` on ``ct`` (module docstring).
 
     ``segmentation``: v1 organ ids on the same grid (other structures and the aorta are read from it);
     ``organ``: the organ's voxels (lesions may be included or not); ``file_axes[a]``: the array axis holding file
     axis ``a`` (for ``size_vox``/``box_start_vox``; default: the array's own axes)."""
     spacing = tuple(float(s) for s in spacing)
-    reference_ct = ct if reference_ct is None else reference_ct
     box = mask_bbox(lesion)
     margins = [int(math.ceil(thresholds.shell_mm / s)) + 2 for s in spacing]
     window = grown(box, margins, lesion.shape)
     local, ct_window = lesion[window], ct[window].astype(np.float64)
     values = ct_window[local]
     inner = interior_values(ct_window, local, thresholds.min_voxels)
-    surrounding = _organ_reference(reference_ct, organ, lesions, window, local, spacing, thresholds)
+    surrounding = _organ_reference(ct, organ, lesions, window, local, spacing, thresholds)
     reference, noise = float(np.median(surrounding)), _robust_std(surrounding)
     interior_mean = float(inner.mean())
     tail = thresholds.tail_stds * max(noise, 1.0)

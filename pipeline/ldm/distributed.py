@@ -4,10 +4,11 @@ processes exchange.
 A process learns its place from the launcher's environment: ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``); ``srun`` sets ``SLURM_PROCID``,
 ``SLURM_NTASKS`` (or ``SLURM_STEP_NUM_TASKS``), ``SLURM_LOCALID``, ``SLURM_NODEID`` and ``SLURM_STEP_TASKS_PER_NODE``
-(such as ``4(x2),3``), and the job script exports ``MASTER_ADDR`` (the first node) and optionally ``MASTER_PORT``
-(default 29500). Without either, the run is a single process.
+(such as ``4(x2),3``; without it, ``SLURM_NTASKS`` over ``SLURM_JOB_NUM_NODES`` or ``SLURM_NNODES``), and the job
+script exports ``MASTER_ADDR`` (the first node) and optionally ``MASTER_PORT`` (default 29500). Without either, the
+run is a single process. Training (``main.py``), preprocessing and inference all read their place from here.
 
-Process ``rank`` of ``world`` takes the items ``rank, rank + world, ...`` of a list; the processes meet in a gloo
+Process ``rank`` of ``world`` (a :class:`Launch`, or anything with ``rank`` and ``world``) takes the items ``rank, rank + world, ...`` of a list; the processes meet in a gloo
 process group (it works on CPUs and GPUs alike and only carries small Python objects): rank 0 broadcasts what
 all must agree on and gathers the others' results. Seeds never depend on the rank (see :mod:`inference.plan`).
 """
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from ldm.errors import ConfigError
 
 DEFAULT_MASTER_PORT = "29500"
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # A collective waits for the slowest process: gathering the results waits until every shard is done (hours).
 COLLECTIVE_TIMEOUT = timedelta(days=7)
 Item = TypeVar("Item")
@@ -45,6 +47,11 @@ class Launch:
     @property
     def processes_on_node(self) -> int:
         return self.local_world or self.world
+
+    @property
+    def nodes(self) -> int:
+        """Nodes of the run (``world`` over the processes per node)."""
+        return max(1, self.world // self.processes_on_node)
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +88,9 @@ def _slurm_local_world(environ: Mapping[str, str]) -> int | None:
     for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         if name in environ:
             return slurm_tasks_on_node(environ[name], _integer(environ, "SLURM_NODEID", 0))
+    for name in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if name in environ and "SLURM_NTASKS" in environ:
+            return max(1, _integer(environ, "SLURM_NTASKS") // max(1, _integer(environ, name)))
     return None
 
 
@@ -103,8 +113,9 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> Launch:
     return launch
 
 
-def shard(items: Sequence[Item], launch: Launch) -> list[Item]:
-    """This process's share of ``items``: ``rank, rank + world, ...`` (list order kept)."""
+def shard(items: Sequence[Item], launch: Any) -> list[Item]:
+    """This process's share of ``items``: ``rank, rank + world, ...`` (list order kept); ``launch``: a
+    :class:`Launch` or anything with ``rank`` and ``world`` (an inference placement)."""
     return list(items)[launch.rank::launch.world]
 
 
