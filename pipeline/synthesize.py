@@ -13,7 +13,7 @@ write, and prints a table of what was written with each lesion's warnings. Befor
 both configs are checked, the reports are bounded by what the crops hold, and every case is checked (files, crop
 fit, box inside the organ). The quality gate runs after LINet unless ``--no-gate``: a lesion that fails its
 checks is sampled again (``--resample-failed``, 2 rounds by default), and a CT whose lesion still fails is
-reported as failed, naming what disagrees, its files kept in ``DIR/<case>/rejected/`` (docs/best_of_k.md). An
+reported as failed, naming what disagrees, its files kept in ``DIR/<case>/rejected/`` (docs/quality.md, "Best of K and resampling"). An
 identical rerun without ``--overwrite`` reuses the results (``DIR/synthesize.json``).
 The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
 """
