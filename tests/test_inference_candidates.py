@@ -12,7 +12,9 @@ from ldm.data.attributes import read_report
 from ldm.data.volume import read_label, read_volume, write_volume
 from ldm.errors import ConfigError
 from inference.candidates import Agreement, JudgedCase, rank_key, select
+from inference.cli import build_parser, command_overrides
 from inference.plan import lesion_seed
+from inference.results import summary_lines
 from inference.runner import run_inference
 from quality.candidates import GateJudge, lesion_judge
 from quality.gate import gate_stage
@@ -226,6 +228,10 @@ def test_resampling_redoes_only_the_failed_lesion_and_records_every_seed(assets,
             assert [r["seed"] for r in after.candidates] == [lesion_seed(7, "lmnet", 0, after.rank, 0, draw)
                                                              for draw in range(3)]
             assert all(r["failing"] == ["inside_organ"] for r in after.candidates)
+    failing_rank = next(rank for rank, ok in inside.items() if not ok)
+    lines = summary_lines([redone], "lmnet")
+    assert any(line.startswith(f"    lesion {failing_rank}: 3 sample(s) in 3 round(s), seed ") and
+               "inside_organ" in line.split("disagree: ")[1] for line in lines)
     report = json.loads((exp_dir / "lmnet_report.json").read_text())
     assert [lesion["candidates"] for lesion in report["cases"][0]["lesions"]] == \
         [lesion.candidates for lesion in redone.lesions]
@@ -248,6 +254,11 @@ def test_candidates_batched_equal_one_by_one_and_k1_is_the_run_without_candidate
     assert [lesion["seed"] for lesion in outputs["plain"][1]] == [lesion_seed(7, "lmnet", 0, rank) for rank in (0, 1)]
     np.testing.assert_array_equal(outputs["k3"][0], outputs["k3 batched"][0])
     assert outputs["k3"][1] == outputs["k3 batched"][1]
+
+
+def test_test_py_flags_set_the_options():
+    args = build_parser().parse_args(["--base", "x.yaml", "--candidates", "4", "--resample-failed", "2"])
+    assert {"inference.candidates=4", "inference.resample_failed=2"} <= set(command_overrides(args))
 
 
 def test_candidates_without_a_judge_are_refused(assets, tmp_path):
