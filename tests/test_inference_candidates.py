@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from test_inference_fixtures import inference_config, phantom_experiment, phantom_row, write_lists
 from test_inference_phantoms import assets  # noqa: F401 - the fixture: phantoms and tiny random checkpoints
 
@@ -215,8 +216,13 @@ def test_resampling_redoes_only_the_failed_lesion_and_records_every_seed(assets,
     exp_dir = two_boxes
     settings = dict(min_fill=0.0, min_component_voxels=1, overwrite=True)
     once = run("lmnet", assets, exp_dir, **settings).results[0]
+    mask_once = read_label(once.outputs["mask"])[0]
     redone = run("lmnet", assets, exp_dir, resample_failed=2, **settings).results[0]
     assert once.ok and redone.ok, (once.error, redone.error)
+    seg = read_label(assets["phantoms"] / "case_000" / "seg.nii.gz")[0]
+    boxes, _ = ndimage.label(read_label(exp_dir / "case_000" / "bbox.nii.gz")[0] == 2)
+    inside_box = next(boxes == index for index in (1, 2) if (seg[boxes == index] == LIVER).all())
+    np.testing.assert_array_equal(read_label(redone.outputs["mask"])[0][inside_box], mask_once[inside_box])
     inside = {lesion.rank: "inside_organ" in lesion.candidates[0]["agree"] for lesion in redone.lesions}
     assert sorted(inside.values()) == [False, True]
     for before, after in zip(once.lesions, redone.lesions):
