@@ -172,6 +172,15 @@ def test_best_of_k_in_a_run_keeps_the_best_recorded_candidate_and_writes_it(asse
         kept = next(r for r in lesion.candidates if r["kept"])
         # What the gate measured on the written file is the kept candidate (HU error within the int16 rounding).
         assert abs(float(rows[result.case_id]["hu_error"]) - kept["hu_error"]) < 0.6
+    # The same seed and K: the same draws, the same choice, the same image.
+    def image(result):
+        return read_volume(result.outputs.get("image") or result.outputs["rejected_image"])[0]
+
+    images = [image(result) for result in linet.results]
+    again = run("linet", assets, exp_dir, candidates=3, resample_failed=1, quality_gate=True, overwrite=True)
+    for first_run, second_run, first_image in zip(linet.results, again.results, images):
+        assert [fields(lesion) for lesion in first_run.lesions] == [fields(lesion) for lesion in second_run.lesions]
+        np.testing.assert_array_equal(image(second_run), first_image)
     # LMNet draws: each candidate's first attempt seeded from the run's seed, draw 0 as a run without candidates.
     first = masks.results[0].lesions[0].candidates
     assert first[0]["seed"] == lesion_seed(7, "lmnet", 0, 0)
