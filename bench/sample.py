@@ -1,7 +1,8 @@
 """Per-lesion sampling time of LMNet and LINet, batched versus one by one (lesions of the UNet alone, and the
-boxes of one case end to end), and peak memory of tiled versus untiled VQ decoding.
+boxes of one case end to end), best of K (``--only candidates``: one lesion with K = 1, K candidates one by one
+and K in one batch), and peak memory of tiled versus untiled VQ decoding.
 
-    .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2] [--batch 4]
+    .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2] [--batch 4] [--candidates 4]
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml]
         [--vq-config configs/demo/vq.yaml] [--vq-size 256]
 
@@ -206,6 +207,54 @@ def bench_boxes(lmnet_config: str, linet_config: str, steps: int, batch: int, de
     return results
 
 
+def bench_candidates(lmnet_config: str, linet_config: str, steps: int, candidates: int, device,
+                     repeats: int = 2) -> dict:
+    """One case with one box through LMNet then LINet with K = 1, K = ``candidates`` one by one (batch_size 1) and
+    in one batch (batch_size K), interleaved, judged by the quality gate's checks (default tolerances); per stage
+    the minimum of ``repeats`` seconds per lesion and the kept draw of each setting."""
+    import tempfile
+
+    from inference.batching import run_cases
+    from inference.cases import CaseSpec
+    from inference.linet import inpaint_case
+    from inference.lmnet import sample_case
+    from inference.options import parse_options
+    from quality.candidates import lesion_judge
+
+    settings = {"k1": (1, 1), "one_by_one": (candidates, 1), "batched": (candidates, candidates)}
+    stages = {}
+    for stage, config, process in (("lmnet", lmnet_config, sample_case), ("linet", linet_config, inpaint_case)):
+        model, inference = build(config, device, drop_checkpoints=False)
+        inference.update(ddim_steps=steps, device=device.type, progress=False, preview=False, overwrite=True,
+                         min_fill=0.0)
+        stages[stage] = (model, parse_options(inference, stage), process)
+    crop = [max(sizes) for sizes in zip(*(options.crop_size for _, options, _ in stages.values()))]
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        paths = write_box_case(folder, crop, 1)
+        for stage, (model, options, process) in stages.items():
+            options = options.with_overrides(exp_dir=folder)
+            case = CaseSpec(0, "candidates", dict(paths), folder / stage)
+            times, kept = {name: [] for name in settings}, {}
+            for _ in range(repeats):
+                for name, (count, batch) in settings.items():
+                    sized = options.with_overrides(candidates=count, batch_size=batch)
+                    judge = lesion_judge(sized) if count > 1 else None
+                    synchronise(device)
+                    result = run_cases(lambda unet, spec: process(unet, spec, sized, judge=judge), model, [case],
+                                       sized, stage)[0]
+                    if not result.ok:
+                        raise RuntimeError(result.error)
+                    times[name].append(result.seconds)
+                    kept[name] = next((r["draw"] for r in result.lesions[0].candidates if r["kept"]), 0)
+                    if name == "k1" and stage == "lmnet":
+                        paths["label"] = result.outputs["mask"]
+            results[stage] = {"crop": list(options.crop_size), "candidates": candidates, "kept_draw": kept,
+                              **{f"{name}_seconds_per_lesion": round(min(values), 3) for name, values in times.items()}}
+    return results
+
+
 def bench_vq_decode(config: str, size: int, mode: str, tile: int, overlap: int, device) -> dict:
     """Decode a random latent to a ``size``³ image: ``whole`` (one pass), ``streamed`` (layer by layer over tiles of
     ``tile`` latent voxels) or ``overlapping`` (overlapping tiles, GroupNorm statistics measured in extra passes)."""
@@ -251,6 +300,9 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
         result = bench_batching(case["stage"], case["config"], case["steps"], case["batch"], device)
     elif kind == "boxes":
         result = bench_boxes(case["lmnet_config"], case["linet_config"], case["steps"], case["batch"], device)
+    elif kind == "candidates":
+        result = bench_candidates(case["lmnet_config"], case["linet_config"], case["steps"], case["candidates"],
+                                  device)
     else:
         result = bench_vq_decode(case["config"], case["size"], case["mode"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
@@ -271,7 +323,8 @@ def main() -> None:
                         choices=["whole", "streamed", "overlapping"],
                         help="VQ decodes to compare (overlapping: the old extra-pass tiling, ~17x slower)")
     parser.add_argument("--batch", type=int, default=4, help="lesions per UNet batch in the batching comparison")
-    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes"])
+    parser.add_argument("--candidates", type=int, default=4, help="K of the best-of-K comparison")
+    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes", "candidates"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -286,6 +339,8 @@ def main() -> None:
               for stage, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))]
     cases.append({"kind": "boxes", "lmnet_config": args.lmnet_config, "linet_config": args.linet_config,
                   "steps": args.steps[0], "batch": args.batch})
+    cases.append({"kind": "candidates", "lmnet_config": args.lmnet_config, "linet_config": args.linet_config,
+                  "steps": args.steps[0], "candidates": args.candidates})
     for case in cases:
         if args.only and case["kind"] != args.only:
             continue

@@ -223,7 +223,7 @@ def launcher_command() -> list[str]:
 
 def is_reporting_process() -> bool:
     """True in the process that prints for its node: the only one, or local rank 0 under a launcher."""
-    return detect_launch().local_rank == 0
+    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
 
 
 def weights_from_resume(model_config: DictConfig) -> DictConfig:

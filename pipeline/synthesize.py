@@ -4,14 +4,18 @@
         [--attributes '{"density": "hypodense lesion"}'] [--seg SEG.nii.gz ...] [--seg-version v2] \
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
         [--lmnet-ckpt PATH] [--linet-ckpt PATH] [--set [lmnet.|linet.]KEY=VALUE ...] [--spacing MM] \
-        [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1]
+        [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1] \
+        [--candidates K] [--resample-failed R] [--no-gate]
 
 Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
 affine, data type and scaling, unchanged beyond a thin rim around the lesions) and ``inpainting_0_label.nii.gz``
 (0 background, 1 organ, 2 lesion, same grid), a PNG preview, plus everything ``preprocess.py`` and ``test.py``
 write, and prints a table of what was written with each lesion's warnings. Before any model runs, the weights of
 both configs are opened and matched with their models, the reports are bounded by what the crops hold, and every
-case is checked (files, crop fit, box inside the organ, room for the rim). An identical rerun without
+case is checked (files, crop fit, box inside the organ, room for the rim). The quality gate runs after LINet unless
+``--no-gate``: a lesion that fails its checks is sampled again (``--resample-failed``, 2 rounds by default), and a
+CT whose lesion still fails is reported as failed, naming what disagrees, its files kept in
+``DIR/<case>/rejected/`` (docs/quality.md, "Best of K and resampling"). An identical rerun without
 ``--overwrite`` reuses the results (``DIR/synthesize.json``, which also records each checkpoint's sha256).
 The same from Python: :func:`synthesize`. Paths on the command line resolve against the current directory.
 """
@@ -36,11 +40,16 @@ DEFAULT_LMNET_CONFIG = "configs/diffusion/maskdiffusion_test.yaml"
 DEFAULT_LINET_CONFIG = "configs/diffusion/lesiondiffusion_test.yaml"
 RUN_RECORD = "synthesize.json"
 STAGES = ("lmnet", "linet")
+# Further rounds for a lesion that fails its checks, by default: each costs one more sampling of that lesion only
+# (with K candidates, K samples), and at a pass rate p per sample the chance of still failing falls to (1-p)^3.
+DEFAULT_RESAMPLE_FAILED = 2
 
 
 @dataclass
 class SynthesisRow:
-    """One input CT: where it ended (``stage`` of the failure, or ``done``), why, and the files written."""
+    """One input CT: where it ended (``stage`` of the failure, or ``done``; ``quality gate`` when a lesion failed
+    the gate: its files were moved to ``rejected/``), why, the files written, and per judged lesion its stage,
+    rank, samples, rounds and what still disagrees."""
 
     ct: str
     case_id: str | None = None
@@ -48,6 +57,7 @@ class SynthesisRow:
     error: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    lesions: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -105,10 +115,12 @@ def stage_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, overrides: Sequence[str],
-                  overwrite: bool, progress: bool, checkpoint: str | Path | None = None):
+                  overwrite: bool, progress: bool, checkpoint: str | Path | None = None,
+                  judging: Sequence[str] = ()):
     """The merged test config of one stage, pointed at the experiment folder ``out`` (and at ``checkpoint``
-    when given)."""
-    settings = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
+    when given); ``judging``: the overrides of best of K, resampling and the gate."""
+    settings = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}",
+                *judging]
     if steps is not None:
         settings.append(f"inference.ddim_steps={steps}")
     if not progress:
@@ -213,14 +225,20 @@ def synthesize(
     progress: bool = True,
     lmnet_ckpt: str | Path | None = None,
     linet_ckpt: str | Path | None = None,
+    candidates: int = 1,
+    resample_failed: int | None = None,
+    gate: bool = True,
 ) -> list[SynthesisRow]:
     """Synthesise ``lesion`` lesions in ``organ`` of every CT; returns one row per CT, in input order.
 
     ``attributes`` fixes report attributes (e.g. ``{"density": "hypodense lesion"}``); ``segs`` gives organ
     segmentations instead of running TotalSegmentator; ``overrides`` (``inference.key=value``) apply to both
     stages, ``lmnet.KEY=V`` / ``linet.KEY=V`` to one; ``lmnet_ckpt`` / ``linet_ckpt`` replace a stage's checkpoint;
-    ``spacing`` (mm) defaults to the configs' ``inference.training_spacing_mm``. A CT that fails at any stage is
-    reported in its row; the others go on.
+    ``spacing`` (mm) defaults to the configs' ``inference.training_spacing_mm``. ``candidates``: samples per
+    lesion, the best-agreeing kept; ``resample_failed``: further rounds for a lesion that fails its checks (default
+    :data:`DEFAULT_RESAMPLE_FAILED` with the gate, 0 without); ``gate``: the quality gate after LINet (a CT with a
+    failed lesion fails in stage ``quality gate``, its files kept in ``<case>/rejected/``). A CT that fails at any
+    stage is reported in its row; the others go on.
     """
     out = check_output_folder(resolve_path(out, Path.cwd()), "--out")
     cts = [Path(resolve_path(ct, Path.cwd())) for ct in cts]
@@ -233,13 +251,18 @@ def synthesize(
     from inference.runner import run_inference
     from inference.spacing import command_spacing
     from preprocessing.standardise import as_spacing_xyz
+    from quality.candidates import lesion_judge
     from quality.gate import gate_stage
 
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
     _check_request(organ, wanted)
     config_files = find_config(lmnet_config), find_config(linet_config)
     per_stage = stage_overrides(overrides)
-    configs = [_stage_config(path, out, seed, steps, per_stage[stage], overwrite, progress, checkpoint)
+    if resample_failed is None:
+        resample_failed = DEFAULT_RESAMPLE_FAILED if gate else 0
+    judging = [f"inference.candidates={candidates}", f"inference.resample_failed={resample_failed}"]
+    configs = [_stage_config(path, out, seed, steps, per_stage[stage], overwrite, progress, checkpoint,
+                             judging + [f"inference.quality_gate={str(gate).lower()}"] * (stage == "linet"))
                for path, stage, checkpoint in zip(config_files, STAGES, (lmnet_ckpt, linet_ckpt))]
     check_required_files(*configs)
     options = _stage_options(configs, config_files)
@@ -256,7 +279,7 @@ def synthesize(
     settings = {"cts": [str(ct) for ct in cts], "segs": [str(seg) for seg in segs or []], "wanted": wanted,
                 "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
                 "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model],
-                "weights": weights}
+                "weights": weights, "candidates": candidates, "resample_failed": resample_failed, "gate": gate}
     fingerprint = _fingerprint(settings, config_files, out, [record["case_id"] for record in records])
     reused = None if overwrite else _reusable(out, fingerprint)
     if reused is not None:
@@ -272,23 +295,47 @@ def synthesize(
     if by_case:
         _preflight_rows(out, options, by_case)
     for stage, config in zip(("lmnet", "linet"), configs if by_case else ()):
-        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage)
+        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage, judge=lesion_judge)
         for result in outcome.results:
             row = by_case.get(result.case_id)
             if row is None or not row.ok:
                 continue
             row.warnings.extend(f"{stage}: {warning}" for warning in result.warnings)
+            row.lesions.extend(_lesion_entry(stage, lesion) for lesion in result.lesions
+                               if lesion.candidates or lesion.disagree)
             if result.ok:
                 row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
             else:
                 row.stage, row.error = stage, result.error
+        for dropped in outcome.dropped:
+            row = by_case.get(dropped.case_id)
+            if row is not None and row.ok:
+                row.stage = "quality gate"
+                row.error = f"{'; '.join(dropped.reasons)}; files kept in {dropped.moved_to.parent}"
     write_json_atomic(out / RUN_RECORD, {"fingerprint": fingerprint, "weights": weights,
                                          "rows": [asdict(row) for row in rows]}, indent=1)
     return rows
 
 
+def _lesion_entry(stage: str, lesion) -> dict:
+    """What the table shows of one judged lesion (``inference.results.LesionResult``)."""
+    return {"stage": stage, "rank": lesion.rank, "samples": len(lesion.candidates) or 1, "tries": lesion.tries,
+            "seed": lesion.seed, "disagree": list(lesion.disagree)}
+
+
+def _lesion_lines(row: SynthesisRow) -> list[str]:
+    lines = []
+    for entry in row.lesions:
+        what = "box" if entry["stage"] == "lmnet" else "lesion"
+        disagree = f"disagree: {', '.join(entry['disagree'])}" if entry["disagree"] else "agrees"
+        lines.append(f"      {entry['stage']} {what} {entry['rank']}: {entry['tries']} round(s), "
+                     f"{entry['samples']} sample(s), {disagree}")
+    return lines
+
+
 def table(rows: Sequence[SynthesisRow]) -> list[str]:
-    """A plain-text table of the rows: input, case, and the written CT or the failure."""
+    """A plain-text table of the rows: input, case, the written CT or the failure, and per judged lesion its
+    rounds and what still disagrees."""
     lines = []
     for row in rows:
         if row.ok:
@@ -298,6 +345,10 @@ def table(rows: Sequence[SynthesisRow]) -> list[str]:
             lines.extend(f"      warning: {warning}" for warning in row.warnings)
         else:
             lines.append(f"  {Path(row.ct).name} -> {row.case_id or '-'}: FAILED in {row.stage}: {row.error}")
+            if row.stage == "quality gate":
+                lines.extend(f"      {kind}: {path}" for kind, path in sorted(row.outputs.items())
+                             if "rejected" in kind)
+        lines.extend(_lesion_lines(row))
     failed = sum(not row.ok for row in rows)
     lines.append(f"synthesize: {len(rows)} CT(s), {len(rows) - failed} done, {failed} failed")
     return lines
@@ -327,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--boxes-per-case", type=int, default=1, help="lesions per CT")
     parser.add_argument("--steps", type=int, help="DDIM steps of both stages (default: the configs')")
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,1")
+    parser.add_argument("--candidates", type=int, default=1, metavar="K",
+                        help="samples per lesion; the one agreeing with the most requested attributes is kept")
+    parser.add_argument("--resample-failed", type=int, metavar="R",
+                        help=f"further rounds for a lesion that fails its checks (default {DEFAULT_RESAMPLE_FAILED}; "
+                             "0 with --no-gate)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="skip the quality gate: lesions that disagree with their report count as done")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for both test configs, e.g. inference.guidance_scale=2; lmnet.KEY=V or "
                              "linet.KEY=V for one, e.g. linet.inference.rim_mm=3")
@@ -357,7 +415,8 @@ def run(args: argparse.Namespace) -> int:
                       boxes_per_case=args.boxes_per_case, steps=args.steps, gpus=parse_gpus(args.gpus),
                       overrides=args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
                       llm_base_url=args.llm_base_url, llm_model=args.llm_model, overwrite=args.overwrite,
-                      progress=not args.no_progress, lmnet_ckpt=args.lmnet_ckpt, linet_ckpt=args.linet_ckpt)
+                      progress=not args.no_progress, lmnet_ckpt=args.lmnet_ckpt, linet_ckpt=args.linet_ckpt,
+                      candidates=args.candidates, resample_failed=args.resample_failed, gate=not args.no_gate)
     print("\n".join(table(rows)))
     return 0 if all(row.ok for row in rows) else 1
 

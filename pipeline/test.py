@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference.cli import main  # noqa: E402
+from quality.candidates import lesion_judge  # noqa: E402
 from quality.gate import gate_stage  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(after_stage=gate_stage))
+    sys.exit(main(after_stage=gate_stage, judge=lesion_judge))

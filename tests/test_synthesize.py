@@ -16,10 +16,11 @@ def configs(tmp_path_factory):
     return saved_test_configs(tmp_path_factory.mktemp("synth_configs"))
 
 
-def run(configs, out, cts, segs, **extra):
+def run(configs, out, cts, segs, gate=False, **extra):
+    # Random weights: the gate (on by default) rejects their lesions; test_synthesize_gate.py tests it.
     return synthesize.synthesize(cts, "liver", "cyst", out, segs=segs, seg_version="v2",
                                  lmnet_config=configs["lmnet"], linet_config=configs["linet"], spacing=[3.0],
-                                 progress=False, **extra)
+                                 progress=False, gate=gate, **extra)
 
 
 def test_one_call_from_a_healthy_ct_to_a_ct_with_a_lesion(configs, tmp_path):
@@ -64,7 +65,7 @@ def test_quiet_rerun_reuses_the_results_and_the_table_shows_warnings(configs, tm
     argv = ["--ct", str(ct), "--seg", str(seg), "--seg-version", "v2", "--organ", "liver", "--lesion", "cyst",
             "--out", str(tmp_path / "out"), "--spacing", "3", "--steps", "2", "--no-progress",
             "--lmnet-config", str(configs["lmnet"]), "--linet-config", str(configs["linet"]),
-            "--set", "inference.hu_tolerance=0.001"]
+            "--set", "inference.hu_tolerance=0.001", "--no-gate"]
     assert synthesize.main(argv) == 0
     first = capfd.readouterr()
     assert "it/s" not in first.err and "%|" not in first.err      # no progress bar of any stage

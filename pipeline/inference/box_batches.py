@@ -92,6 +92,10 @@ class BoxWaves:
         self.wave_sizes: list[int] = []
         self.resampled: list[int] = []
 
+    def sample(self, items: Sequence[ItemInputs]) -> list[torch.Tensor]:
+        """The samples of ``items`` with the stage's settings, outside any wave (e.g. a box's further draws)."""
+        return self._sample(items)
+
     def first_sample(self, index: int, basis: Basis) -> torch.Tensor:
         """The first sample of box ``index`` (its turn: every earlier box applied), whose basis now is ``basis``."""
         ahead = self._ahead.pop(index, None)

@@ -14,13 +14,15 @@ from inference.results import summary_lines
 # Flags that set an ``inference.*`` key (flag destination -> key).
 FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "ddim_steps", "eta": "eta",
              "guidance_scale": "guidance_scale", "sampler": "sampler", "precision": "precision",
-             "vq_device": "vq_device", "max_mask_num": "max_mask_num"}
+             "vq_device": "vq_device", "max_mask_num": "max_mask_num", "candidates": "candidates",
+             "resample_failed": "resample_failed"}
 
 EPILOG = """examples:
   python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
   python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2
   torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
   python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp inference.ddim_steps=20
+  python pipeline/test.py --base configs/demo/linet_test.yaml --exp demo/exp --candidates 4 --resample-failed 2
 Config paths resolve against pipeline/ when relative and not found from the current directory."""
 
 
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where LINet runs the VQ (inference.vq_device)")
     parser.add_argument("--max-mask-num", dest="max_mask_num", type=int,
                         help="lesions per case (inference.max_mask_num)")
+    parser.add_argument("--candidates", type=int, metavar="K",
+                        help="samples per lesion, the best-agreeing kept (inference.candidates, default 1)")
+    parser.add_argument("--resample-failed", dest="resample_failed", type=int, metavar="R",
+                        help="further rounds for a lesion that fails its checks (inference.resample_failed, default 0)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite <stem>_0 instead of adding a new <stem>_k")
     parser.add_argument("--no-preview", action="store_true", help="no PNG previews")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -67,24 +73,25 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def main(argv: list[str] | None = None, after_stage=None) -> int:
-    """Entry point of ``test.py`` (which passes the quality gate as ``after_stage``, see
-    :func:`inference.runner.run_inference`); returns 0 when every case succeeded, 1 otherwise."""
+def main(argv: list[str] | None = None, after_stage=None, judge=None) -> int:
+    """Entry point of ``test.py`` (which passes the quality gate as ``after_stage`` and its judge of candidates as
+    ``judge``, see :func:`inference.runner.run_inference`); returns 0 when every case succeeded, 1 otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
     arguments, overrides = split_overrides(argv)
     args = build_parser().parse_args(arguments)
     with one_line_warnings():
-        return run(args, overrides, after_stage)
+        return run(args, overrides, after_stage, judge)
 
 
-def run(args: argparse.Namespace, overrides: list[str], after_stage=None) -> int:
+def run(args: argparse.Namespace, overrides: list[str], after_stage=None, judge=None) -> int:
     """Run the parsed command line; returns the exit status."""
     from inference.runner import run_inference
 
     try:
         config = load_config([find_config(path) for path in args.base])
         config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
-        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage)
+        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage,
+                                judge=judge)
     except LesionDiffusionError as error:
         if args.debug:
             raise

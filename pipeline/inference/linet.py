@@ -10,7 +10,9 @@ Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, lar
    guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
 3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
    beyond a rim of ``rim_mm`` around the lesion every voxel is the input's. Lesions whose crops no earlier
-   lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`).
+   lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`). With
+   ``candidates`` / ``resample_failed`` a lesion is drawn several times and the best-agreeing one is pasted
+   (:mod:`inference.candidates`).
 
 Outputs, in the case folder (``k`` the first unused number, see :mod:`inference.cases`):
 
@@ -47,6 +49,7 @@ from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from inference.batching import run_cases
 from inference.box_batches import BoxWaves, ItemInputs, sample_items, slices_meet
+from inference.candidates import Agreement, JudgedCase, LesionJudge, chunks, record_selection, require_judge, select
 from inference.cases import LMNET_HINT, CaseSpec, output_path, recorded_source
 from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
@@ -166,25 +169,65 @@ def lesion_item(model: InpaintingDiffusion, setup: LesionSetup, crop: np.ndarray
     return ItemInputs((latent, mask, setup.context), seed)
 
 
+@dataclass
+class ImageCandidate:
+    """One draw of a lesion: its seed and the decoded crop in HU (crop shape)."""
+
+    seed: int
+    generated: np.ndarray
+
+
 @torch.no_grad()
 def inpaint_lesion(model: InpaintingDiffusion, inputs: ImageInputs, volume: np.ndarray, setup: LesionSetup,
                    waves: BoxWaves, case_index: int, options: InferenceOptions,
-                   unblended: np.ndarray | None = None) -> LesionResult:
+                   unblended: np.ndarray | None = None, judge: LesionJudge | None = None,
+                   judged: JudgedCase | None = None) -> LesionResult:
     """Inpaint one lesion into ``volume`` (HU, modified in place; its turn: every earlier lesion pasted);
-    ``unblended`` receives the generated values themselves, see :func:`inference.paste.paste_generated`. The
-    sample comes from ``waves``. Returns the lesion record."""
+    ``unblended`` receives the generated values themselves, see :func:`inference.paste.paste_generated`. Draw 0
+    comes from ``waves``; further draws (best of K, resampling: :mod:`inference.candidates`) share the crop's
+    latent and are sampled in batches of ``batch_size``; each is pasted, judged by ``judge`` on ``judged`` and
+    taken out again, and the kept one is pasted. Returns the lesion record."""
     start = time.perf_counter()
     component = setup.component
-    inpainted = waves.first_sample(component.rank, take_crop(volume, component.window, fill=AIR_HU))
-    generated = unit_to_hu(decode_crop(model, inpainted, options.crop_size, options))
-    offset = paste_generated(volume, generated, setup.lesion, component.window, options.rim_mm,
-                             inputs.geometry.spacing_zyx, options.match_surroundings, unblended)
+    crop = take_crop(volume, component.window, fill=AIR_HU)
+    spacing = inputs.geometry.spacing_zyx
+
+    def seed(number: int) -> int:
+        return lesion_seed(options.seed, "linet", case_index, component.rank, 0, number)
+
+    def draw(numbers: list[int]) -> list[ImageCandidate]:
+        latents = {0: waves.first_sample(component.rank, crop)} if 0 in numbers else {}
+        fresh = [number for number in numbers if number]
+        if fresh:
+            tensors = lesion_item(model, setup, crop, case_index, options).tensors
+            for chunk in chunks(fresh, options.batch_size):
+                latents.update(zip(chunk, waves.sample([ItemInputs(tensors, seed(number)) for number in chunk])))
+        return [ImageCandidate(seed(number), unit_to_hu(decode_crop(model, latents[number], options.crop_size,
+                                                                    options))) for number in numbers]
+
+    lesions = None if judge is None else inputs.label == LESION_VALUE  # as the gate reads the mask
+
+    def judge_image(candidate: ImageCandidate) -> Agreement:
+        region = component.window.volume_slices()
+        before = volume[region].copy()
+        paste_generated(volume, candidate.generated, setup.lesion, component.window, options.rim_mm, spacing,
+                        options.match_surroundings)
+        try:
+            return judge("linet", judged, volume, component.mask, lesions)
+        finally:
+            volume[region] = before
+
+    selection = select(draw, judge_image if judge is not None else None, lambda candidate: candidate.seed,
+                       options.candidates, options.resample_failed)
+    offset = paste_generated(volume, selection.kept.generated, setup.lesion, component.window, options.rim_mm,
+                             spacing, options.match_surroundings, unblended)
     text = setup.text
     requested = float(text["CT value"].split()[0]) if "CT value" in text else None
-    return LesionResult(rank=component.rank, seed=lesion_seed(options.seed, "linet", case_index, component.rank),
-                        voxels=component.voxels, organ=organ_name(setup.key), hu_offset=round(offset, 2),
-                        mean_hu=round(float(volume[component.mask].mean()), 1), requested_hu=requested,
-                        seconds=round(time.perf_counter() - start, 3))
+    record = LesionResult(rank=component.rank, seed=selection.kept.seed, voxels=component.voxels,
+                          organ=organ_name(setup.key), hu_offset=round(offset, 2),
+                          mean_hu=round(float(volume[component.mask].mean()), 1), requested_hu=requested,
+                          seconds=round(time.perf_counter() - start, 3))
+    return record_selection(record, selection)
 
 
 def linet_waves(model: InpaintingDiffusion, inputs: ImageInputs, components: Sequence[Component],
@@ -271,9 +314,10 @@ def write_outputs(case: CaseSpec, inputs: ImageInputs, volume: np.ndarray, unble
 
 
 def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceOptions,
-                 precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False) -> CaseResult:
+                 precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False,
+                 judge: LesionJudge | None = None) -> CaseResult:
     """Inpaint every lesion of one case and write the outputs of the module docstring; never raises for a bad
-    case: the reason is in the returned result."""
+    case: the reason is in the returned result. ``judge``: see :mod:`inference.candidates`."""
     result = CaseResult(case.index, case.case_id)
     try:
         inputs = read_image_inputs(case, options)
@@ -283,9 +327,11 @@ def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceO
         volume = inputs.ct.copy()
         unblended = inputs.ct.copy()
         waves, setup = linet_waves(model, inputs, components, volume, case.index, options, precision, step_progress)
+        judged = None if judge is None else JudgedCase(inputs.ct, inputs.seg, inputs.report, inputs.report_path,
+                                                       inputs.geometry)
         for component in components:
             record = inpaint_lesion(model, inputs, volume, setup(component.rank), waves, case.index, options,
-                                    unblended)
+                                    unblended, judge, judged)
             result.lesions.append(record)
             warning = hu_warning(record, options.hu_tolerance)
             if warning:
@@ -299,13 +345,16 @@ def inpaint_case(model: InpaintingDiffusion, case: CaseSpec, options: InferenceO
 
 def inpaint_cases(model: InpaintingDiffusion, cases: Sequence[CaseSpec], options: InferenceOptions,
                   debug: bool = False, position: int = 0, step_progress: bool = False,
-                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+                  on_result: Callable[[CaseResult], None] | None = None,
+                  judge: LesionJudge | None = None) -> list[CaseResult]:
     """Run LINet on ``cases`` (in order) with ``model`` (eval mode; VQ on its own device); one result per case.
 
     ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps;
     ``on_result``: called as each case finishes; with ``options.batch_size`` > 1 cases share UNet batches
-    (:mod:`inference.batching`)."""
+    (:mod:`inference.batching`); ``judge`` judges the samples of best of K and resampling (needed when the
+    options ask for them, :mod:`inference.candidates`)."""
     check_inpainting_model(model, options)
+    require_judge(options, judge)
     precision = autocast_dtype(model.device, options.precision)
-    return run_cases(lambda unet, case: inpaint_case(unet, case, options, precision, debug, step_progress), model,
-                     cases, options, "LINet", position, on_result)
+    return run_cases(lambda unet, case: inpaint_case(unet, case, options, precision, debug, step_progress, judge),
+                     model, cases, options, "LINet", position, on_result)

@@ -11,6 +11,8 @@ Per case (the CT's grid; boxes = value 2 of the box file, see :mod:`inference.pl
    inside the box that keeps a voxel away from earlier lesions; when the lesion is smaller than ``min_fill`` of
    the target volume another attempt is sampled, and the best of ``attempts`` is kept (first attempts of boxes
    that do not reach each other share a UNet batch, with the one-by-one result: :mod:`inference.box_batches`);
+   with ``candidates`` / ``resample_failed`` a box is drawn several times and the best-agreeing mask is kept
+   (:mod:`inference.candidates`);
 4. the output holds 1 for the organs of the boxes and 2 for the lesions (uint8, the CT's affine and shape).
 
 Use from Python: ``sample_masks(model, read_cases(exp_dir, options.lists), options)``.
@@ -34,6 +36,8 @@ from ldm.errors import ConfigError, DataError
 from ldm.models.diffusion.mask import MaskDiffusion
 from inference.batching import run_cases
 from inference.box_batches import BoxWaves, ItemInputs, sample_items, slices_meet
+from inference.candidates import (Agreement, JudgedCase, LesionJudge, chunks, record_selection, require_judge,
+                                  select)
 from inference.cases import CaseSpec, output_path
 from inference.common import case_grid, check_crop, unet_factor
 from inference.devices import autocast, autocast_dtype
@@ -41,7 +45,7 @@ from inference.options import InferenceOptions
 from inference.plan import Component, lesion_seed, plan_components
 from inference.previews import write_lesion_preview
 from inference.results import CaseResult, LesionResult
-from inference.thresholds import blocked_region, choose_threshold
+from inference.thresholds import Candidate, blocked_region, choose_threshold
 
 ORGAN_VALUE, LESION_VALUE = 1, 2
 
@@ -131,23 +135,29 @@ def _sampler(model: MaskDiffusion, options: InferenceOptions, precision: torch.d
     return sample
 
 
-@torch.no_grad()
-def sample_box(model: MaskDiffusion, inputs: MaskInputs, setup: BoxSetup, occupied: np.ndarray, case_index: int,
-               options: InferenceOptions, waves: BoxWaves, sample: Callable[[Sequence[ItemInputs]], list]
-               ) -> tuple[np.ndarray, LesionResult]:
-    """Sample the lesion of one box (its turn: ``occupied`` holds every earlier lesion); the first attempt comes
-    from ``waves``, further attempts are sampled alone. Returns the full-volume lesion mask and its record."""
-    start = time.perf_counter()
-    component = setup.component
-    cavity = box_cavity(setup, inputs, occupied)
-    blocked = blocked_region(take_crop(occupied, component.window, fill=False))
+@dataclass
+class MaskCandidate:
+    """One draw of a box: the lesion chosen from its best attempt (crop shape), that attempt's seed, attempts made."""
+
+    choice: Candidate
+    seed: int
+    attempts: int
+
+
+# A draw without a lesion voxel has no volume: it ranks below any draw that has one.
+EMPTY_MASK = Agreement(disagree=("volume",), failing=("volume",))
+
+
+def mask_candidate(model: MaskDiffusion, setup: BoxSetup, cavity: str, blocked: np.ndarray, first: torch.Tensor,
+                   draw: int, case_index: int, options: InferenceOptions,
+                   sample: Callable[[Sequence[ItemInputs]], list]) -> MaskCandidate:
+    """The lesion of one draw of a box: ``first`` is its first attempt's sample; when the lesion is smaller than
+    ``min_fill`` of the target another attempt is sampled (alone), and the closest to the target of ``attempts``
+    is kept."""
     best, best_seed, attempts = None, None, 0
     for attempt in range(options.attempts):
-        seed = lesion_seed(options.seed, "lmnet", case_index, component.rank, attempt)
-        if attempt == 0:
-            raw = waves.first_sample(component.rank, cavity)
-        else:
-            raw = sample([box_item(model, setup, cavity, seed)])[0]
+        seed = lesion_seed(options.seed, "lmnet", case_index, setup.component.rank, attempt, draw)
+        raw = first if attempt == 0 else sample([box_item(model, setup, cavity, seed)])[0]
         candidate = choose_threshold(raw[0, 0].float().cpu().numpy(), setup.box, blocked, options.thresholds,
                                      options.fill_target, options.fill_holes)
         attempts += 1
@@ -155,14 +165,49 @@ def sample_box(model: MaskDiffusion, inputs: MaskInputs, setup: BoxSetup, occupi
             best, best_seed = candidate, seed
         if candidate.voxels > 0 and candidate.fill >= options.min_fill:
             break
+    return MaskCandidate(best, best_seed, attempts)
+
+
+@torch.no_grad()
+def sample_box(model: MaskDiffusion, inputs: MaskInputs, setup: BoxSetup, occupied: np.ndarray, case_index: int,
+               options: InferenceOptions, waves: BoxWaves, sample: Callable[[Sequence[ItemInputs]], list],
+               judge: LesionJudge | None = None, judged: JudgedCase | None = None) -> tuple[np.ndarray, LesionResult]:
+    """Sample the lesion of one box (its turn: ``occupied`` holds every earlier lesion); the first attempt of draw
+    0 comes from ``waves``, the first attempts of further draws (best of K, resampling: :mod:`inference.candidates`,
+    judged by ``judge`` on ``judged``) are sampled in batches of ``batch_size``, further attempts alone. Returns
+    the full-volume lesion mask and its record."""
+    start = time.perf_counter()
+    component = setup.component
+    cavity = box_cavity(setup, inputs, occupied)
+    blocked = blocked_region(take_crop(occupied, component.window, fill=False))
+
+    def draw(numbers: list[int]) -> list[MaskCandidate]:
+        firsts = {0: waves.first_sample(component.rank, cavity)} if 0 in numbers else {}
+        for chunk in chunks([number for number in numbers if number], options.batch_size):
+            items = [box_item(model, setup, cavity, lesion_seed(options.seed, "lmnet", case_index, component.rank,
+                                                                0, number)) for number in chunk]
+            firsts.update(zip(chunk, sample(items)))
+        return [mask_candidate(model, setup, cavity, blocked, firsts[number], number, case_index, options, sample)
+                for number in numbers]
+
+    def judge_mask(candidate: MaskCandidate) -> Agreement:
+        if candidate.choice.voxels == 0:
+            return EMPTY_MASK
+        lesion = paste_crop(np.zeros(occupied.shape, dtype=bool), candidate.choice.mask, component.window)
+        return judge("lmnet", judged, judged.ct, lesion, occupied | lesion)
+
+    selection = select(draw, judge_mask if judge is not None else None, lambda candidate: candidate.seed,
+                       options.candidates, options.resample_failed)
+    best, attempts = selection.kept.choice, selection.kept.attempts
     if best.voxels == 0:
         raise DataError(f"box {component.rank}: LMNet produced no lesion voxel inside the box in {attempts} "
                         "attempt(s); try another inference.seed or more inference.attempts")
     lesion = paste_crop(np.zeros(occupied.shape, dtype=bool), best.mask, component.window)
-    record = LesionResult(rank=component.rank, seed=best_seed, voxels=int(best.voxels), organ=organ_name(setup.key),
-                          threshold=best.threshold, target_voxels=round(best.target_voxels, 1), attempts=attempts,
+    record = LesionResult(rank=component.rank, seed=selection.kept.seed, voxels=int(best.voxels),
+                          organ=organ_name(setup.key), threshold=best.threshold,
+                          target_voxels=round(best.target_voxels, 1), attempts=attempts,
                           seconds=round(time.perf_counter() - start, 3))
-    return lesion, record
+    return lesion, record_selection(record, selection)
 
 
 def lmnet_waves(model: MaskDiffusion, inputs: MaskInputs, components: Sequence[Component], occupied: np.ndarray,
@@ -189,10 +234,11 @@ def lmnet_waves(model: MaskDiffusion, inputs: MaskInputs, components: Sequence[C
 
 
 def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
-                precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False) -> CaseResult:
+                precision: torch.dtype | None = None, debug: bool = False, step_progress: bool = False,
+                judge: LesionJudge | None = None) -> CaseResult:
     """Sample every box of one case and write ``samples_<k>.nii.gz`` (and a PNG preview); never raises for a
     bad case: the reason is in the returned result. Up to ``options.batch_size`` boxes share a UNet batch where
-    that gives the one-by-one result (:mod:`inference.box_batches`)."""
+    that gives the one-by-one result (:mod:`inference.box_batches`); ``judge``: see :mod:`inference.candidates`."""
     result = CaseResult(case.index, case.case_id)
     path = output_path(case.out_dir, "samples", options.overwrite)
     try:
@@ -207,9 +253,14 @@ def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
         lesions = []
         sample = _sampler(model, options, precision, step_progress)
         waves, setup = lmnet_waves(model, inputs, components, occupied, case.index, options, sample)
+        judged = None
+        if judge is not None:
+            ct, _ = read_volume(case.paths["image"], dtype=np.float32)
+            judged = JudgedCase(ct, inputs.seg, inputs.report, inputs.report_path, inputs.geometry)
         for component in components:
             box = setup(component.rank)
-            lesion, record = sample_box(model, inputs, box, occupied, case.index, options, waves, sample)
+            lesion, record = sample_box(model, inputs, box, occupied, case.index, options, waves, sample, judge,
+                                        judged)
             if record.voxels < options.min_fill * record.target_voxels:
                 result.warnings.append(f"box {record.rank}: the mask fills {record.voxels / record.target_voxels:.0%} "
                                        f"of its target volume after {record.attempts} attempt(s)")
@@ -232,16 +283,19 @@ def sample_case(model: MaskDiffusion, case: CaseSpec, options: InferenceOptions,
 
 def sample_masks(model: MaskDiffusion, cases: Sequence[CaseSpec], options: InferenceOptions,
                  debug: bool = False, position: int = 0, step_progress: bool = False,
-                 on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+                 on_result: Callable[[CaseResult], None] | None = None,
+                 judge: LesionJudge | None = None) -> list[CaseResult]:
     """Run LMNet on ``cases`` (in order) with ``model`` (eval mode, on its device); returns one result per case.
 
     ``position``: line of the per-case progress bar; ``step_progress``: also a bar over the sampling steps;
     ``on_result``: called as each case finishes; with ``options.batch_size`` > 1 cases share UNet batches
-    (:mod:`inference.batching`)."""
+    (:mod:`inference.batching`); ``judge`` judges the samples of best of K and resampling (needed when the
+    options ask for them, :mod:`inference.candidates`)."""
     check_mask_model(model, options)
+    require_judge(options, judge)
     precision = autocast_dtype(model.device, options.precision)
-    return run_cases(lambda unet, case: sample_case(unet, case, options, precision, debug, step_progress), model,
-                     cases, options, "LMNet", position, on_result)
+    return run_cases(lambda unet, case: sample_case(unet, case, options, precision, debug, step_progress, judge),
+                     model, cases, options, "LMNet", position, on_result)
 
 
 def label_list_entries(results: Sequence[CaseResult], cases: Sequence[CaseSpec],

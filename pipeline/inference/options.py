@@ -82,6 +82,10 @@ class InferenceOptions:
     match_surroundings: bool = True
     hu_tolerance: float = 150.0
     quality_gate: bool = False
+    # Best of K and resampling (:mod:`inference.candidates`): samples per lesion, and further rounds for a lesion
+    # that fails the gate's checks of its stage.
+    candidates: int = 1
+    resample_failed: int = 0
 
     def with_overrides(self, **values: Any) -> "InferenceOptions":
         """A copy with some settings replaced (``None`` values are ignored), checked again."""
@@ -127,7 +131,8 @@ def check(options: InferenceOptions) -> InferenceOptions:
                          ("blend", BLENDS), ("seg_version", ("v1", "v2"))):
         _choice(options, key, allowed)
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
-                         ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1)):
+                         ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1),
+                         ("candidates", 1), ("resample_failed", 0)):
         _at_least(options, key, minimum, int)
     for key in ("eta", "min_fill", "hu_tolerance", "rim_mm", "batch_memory_mb", "spacing_tolerance_mm"):
         _at_least(options, key, 0.0)

@@ -5,7 +5,9 @@ than ``min_voxels`` are kept, at most ``max_count``; when none is that large, th
 original rule, with 50 voxels and ``max_mask_num``).
 
 Seeds: every random draw of a lesion comes from ``SeedSequence([seed, stage, case row, lesion, attempt])``, so a
-case gives the same result whatever process or GPU handles it and whichever other cases run.
+case gives the same result whatever process or GPU handles it and whichever other cases run. Best of K and
+resampling (:mod:`inference.candidates`) number a lesion's samples ``draw`` 0, 1, ...: draw 0 is the seed above,
+draw ``d > 0`` appends ``d`` to the sequence.
 """
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ def plan_components(label: np.ndarray, crop_size: Sequence[int], max_count: int,
     return planned
 
 
-def lesion_seed(seed: int, stage: str, case_index: int, lesion: int, attempt: int = 0) -> int:
-    """A 63-bit seed for one lesion and attempt, independent of the other cases (module docstring)."""
-    sequence = np.random.SeedSequence([int(seed), STAGE_IDS[stage], int(case_index), int(lesion), int(attempt)])
+def lesion_seed(seed: int, stage: str, case_index: int, lesion: int, attempt: int = 0, draw: int = 0) -> int:
+    """A 63-bit seed for one lesion, attempt and draw, independent of the other cases (module docstring)."""
+    entropy = [int(seed), STAGE_IDS[stage], int(case_index), int(lesion), int(attempt)]
+    sequence = np.random.SeedSequence(entropy + ([int(draw)] if draw else []))
     return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

@@ -21,7 +21,10 @@ class LesionResult:
 
     ``organ``: the organ of the report entry used for the text. LMNet: ``threshold``, ``target_voxels`` (the box's
     target volume) and ``attempts``; LINet: ``hu_offset`` (HU added to match the surroundings), ``mean_hu`` (mean
-    of the lesion in the output) and ``requested_hu`` (the report's ``CT value``, when it has one).
+    of the lesion in the output) and ``requested_hu`` (the report's ``CT value``, when it has one). When lesions
+    are judged (:mod:`inference.candidates`): ``tries`` (rounds sampled), ``disagree`` (attributes of the kept
+    sample that disagree with the report; after the quality gate, the gate's failed checks) and ``candidates``
+    (every sample's draw, round, seed and agreement, and which was kept).
     """
 
     rank: int
@@ -35,6 +38,9 @@ class LesionResult:
     mean_hu: float | None = None
     requested_hu: float | None = None
     seconds: float = 0.0
+    tries: int = 1
+    disagree: list[str] = field(default_factory=list)
+    candidates: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -88,11 +94,19 @@ def summary_lines(results: list[CaseResult], stage: str) -> list[str]:
             lines.append(f"  {result.case_id}: {len(result.lesions)} lesion(s) -> {written} "
                          f"({result.seconds:.1f} s)")
             lines.extend(f"    warning: {warning}" for warning in result.warnings)
+            lines.extend(lesion_line(lesion) for lesion in result.lesions if lesion.candidates or lesion.disagree)
         else:
             lines.append(f"  {result.case_id}: FAILED: {result.error}")
     failed = sum(not result.ok for result in results)
     lines.append(f"{stage}: {len(results)} case(s), {len(results) - failed} done, {failed} failed")
     return lines
+
+
+def lesion_line(lesion: LesionResult) -> str:
+    """One line for a judged lesion: samples, rounds, kept seed, and what still disagrees with the report."""
+    disagree = f"disagree: {', '.join(lesion.disagree)}" if lesion.disagree else "every judged attribute agrees"
+    return (f"    lesion {lesion.rank}: {len(lesion.candidates) or 1} sample(s) in {lesion.tries} round(s), "
+            f"seed {lesion.seed}; {disagree}")
 
 
 def write_run_report(path: Path, stage: str, options: dict[str, Any], results: list[CaseResult],

@@ -24,6 +24,7 @@ from ldm.models.checkpoint import checkpoint_trust
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.util import get_obj_from_str, instantiate_from_config
+from inference.candidates import JudgeFactory, judging, require_judge
 from inference.cases import CaseSpec, read_cases, write_list
 from inference.devices import (Placement, cpu_threads_per_process, launch_placement, plan_placements,
                                visible_gpu_count)
@@ -103,15 +104,19 @@ def load_model(config: DictConfig, device: str | torch.device = "cpu",
 
 def run_stage(model: torch.nn.Module, stage: str, cases: Sequence[CaseSpec], options: InferenceOptions,
               debug: bool = False, position: int = 0, step_progress: bool = False,
-              journal: CaseJournal | None = None) -> list[CaseResult]:
-    """Run one stage on ``cases`` with a loaded model; one result per case, each recorded in ``journal``."""
+              journal: CaseJournal | None = None, judge: JudgeFactory | None = None) -> list[CaseResult]:
+    """Run one stage on ``cases`` with a loaded model; one result per case, each recorded in ``journal``.
+    ``judge(options)`` makes the judge of best of K and resampling (:mod:`inference.candidates`), used only when
+    the options ask for them."""
     run = sample_masks if stage == "lmnet" else inpaint_cases
+    lesion_judge = judge(options) if judge is not None and judging(options) else None
     return run(model, cases, options, debug=debug, position=position, step_progress=step_progress,
-               on_result=None if journal is None else journal.record)
+               on_result=None if journal is None else journal.record, judge=lesion_judge)
 
 
 def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Sequence[CaseSpec],
-              options: InferenceOptions, debug: bool = False, journal: CaseJournal | None = None) -> list[CaseResult]:
+              options: InferenceOptions, debug: bool = False, journal: CaseJournal | None = None,
+              judge: JudgeFactory | None = None) -> list[CaseResult]:
     """Load the model on ``placement`` and run the cases ``rank::world`` of ``cases``."""
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
@@ -121,13 +126,13 @@ def run_shard(config: DictConfig, stage: str, placement: Placement, cases: Seque
     own = shard(cases, placement)
     # Step bars of several processes would overwrite each other's lines: only a single process shows them.
     return run_stage(model, stage, own, options, debug, position=placement.rank,
-                     step_progress=options.progress and placement.world == 1, journal=journal)
+                     step_progress=options.progress and placement.world == 1, journal=journal, judge=judge)
 
 
 def _worker(config: dict, stage: str, placement: Placement, cases: list[CaseSpec], options: InferenceOptions,
-            debug: bool, queue, journal: CaseJournal | None = None) -> None:
+            debug: bool, queue, journal: CaseJournal | None = None, judge: JudgeFactory | None = None) -> None:
     try:
-        results = run_shard(OmegaConf.create(config), stage, placement, cases, options, debug, journal)
+        results = run_shard(OmegaConf.create(config), stage, placement, cases, options, debug, journal, judge)
         queue.put((placement.rank, "ok", results))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
         message = str(error) if isinstance(error, LesionDiffusionError) else traceback.format_exc()
@@ -136,13 +141,16 @@ def _worker(config: dict, stage: str, placement: Placement, cases: list[CaseSpec
 
 
 def run_spawned(config: DictConfig, stage: str, placements: Sequence[Placement], cases: Sequence[CaseSpec],
-                options: InferenceOptions, debug: bool = False, journal: CaseJournal | None = None) -> list[CaseResult]:
-    """Run every placement in its own spawned process; returns all results (any order)."""
+                options: InferenceOptions, debug: bool = False, journal: CaseJournal | None = None,
+                judge: JudgeFactory | None = None) -> list[CaseResult]:
+    """Run every placement in its own spawned process (``judge``: a picklable factory, see :func:`run_stage`);
+    returns all results (any order)."""
     context = torch.multiprocessing.get_context("spawn")
     queue = context.Queue()
     container = OmegaConf.to_container(config, resolve=True)
     processes = [context.Process(target=_worker,
-                                 args=(container, stage, placement, list(cases), options, debug, queue, journal))
+                                 args=(container, stage, placement, list(cases), options, debug, queue, journal,
+                                       judge))
                  for placement in placements]
     for process in processes:
         process.start()
@@ -175,7 +183,8 @@ def run_spawned(config: DictConfig, stage: str, placements: Sequence[Placement],
 
 
 def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = False,
-                  placements: Sequence[Placement] | None = None, after_stage: StageHook | None = None) -> RunOutcome:
+                  placements: Sequence[Placement] | None = None, after_stage: StageHook | None = None,
+                  judge: JudgeFactory | None = None) -> RunOutcome:
     """Run the stage of ``config`` on every case of its experiment folder (see the module docstring).
 
     ``gpus``: CUDA ids, one process each (none: one process on ``inference.device``); ``placements`` replaces
@@ -183,14 +192,16 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
     merges them (:mod:`ldm.distributed`). Cases an interrupted run of the same settings finished are kept
     (:mod:`inference.journal`). ``after_stage(stage, exp_dir, results, options)``: runs on the results before the
     report is written and returns what it dropped (``quality.gate.gate_stage``, the quality gate, which
-    ``inference.quality_gate: true`` needs; inference itself never imports the quality package). Returns the
-    outcome; a bad case never raises, a bad config does."""
+    ``inference.quality_gate: true`` needs; inference itself never imports the quality package). ``judge``: the
+    factory of the judge that best of K and resampling need (``quality.candidates.lesion_judge``, see
+    :mod:`inference.candidates`). Returns the outcome; a bad case never raises, a bad config does."""
     stage = config_stage(config)
     check_required_files(config)
     options = parse_options(config.get("inference"), stage)
     if stage == "linet" and options.quality_gate and after_stage is None:
         raise ConfigError("inference.quality_gate is true but no gate was given: run test.py or synthesize.py, or "
                           "pass after_stage=quality.gate.gate_stage to run_inference")
+    require_judge(options, judge)
     cases = read_cases(options.exp_dir, dict(options.lists))
     check_weights(config)
     verify_weights(config, stage)
@@ -209,7 +220,7 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
         if launch.distributed:
             placement = launch_placement(launch.rank, launch.world, launch.local_rank, visible_gpu_count(),
                                          options.vq_device, options.device, launch.local_world)
-            own = run_shard(config, stage, placement, pending, options, debug, journal)
+            own = run_shard(config, stage, placement, pending, options, debug, journal, judge)
             results = gather_to_main(launch, own)
             if not launch.is_main:
                 return RunOutcome(stage, own, exp_dir / f"{stage}_report.json", main=False)
@@ -219,9 +230,9 @@ def run_inference(config: DictConfig, gpus: Sequence[int] = (), debug: bool = Fa
             if not pending:
                 results = []
             elif len(placements) == 1:
-                results = run_shard(config, stage, placements[0], pending, options, debug, journal)
+                results = run_shard(config, stage, placements[0], pending, options, debug, journal, judge)
             else:
-                results = run_spawned(config, stage, placements, pending, options, debug, journal)
+                results = run_spawned(config, stage, placements, pending, options, debug, journal, judge)
     for result in results:
         result.warnings[:0] = [off_spacing[result.index]] if result.index in off_spacing else []
     results = sorted([*results, *refused, *finished.values()], key=lambda result: result.index)

@@ -112,6 +112,18 @@ def _result_spec(result, row: dict | None, label_list: Path) -> OutputSpec:
                       mask=Path(row["label"]), inpainted=Path(measured), seg=Path(row["seg"]), boxes=boxes)
 
 
+def record_failed_checks(results: Sequence, specs: Sequence[OutputSpec], evaluation: Evaluation,
+                         exp_dir: Path) -> None:
+    """Set ``disagree`` of every lesion record of ``results`` to the checks the gate failed it on (lesion ``r`` of
+    an output is LINet's lesion ``r``: both rank the mask's components largest first)."""
+    failed = {(lesion.output, lesion.lesion): lesion.failed_checks for lesion in evaluation.lesions}
+    for result, spec in zip(results, specs):
+        output = display_path(spec.inpainted, exp_dir)
+        for record in result.lesions:
+            if (output, record.rank) in failed:
+                record.disagree = list(failed[output, record.rank])
+
+
 def apply_quality_gate(exp_dir: str | os.PathLike, results: Sequence, tolerances: Tolerances | None = None,
                        rim_mm: float | None = None, label_list_name: str = DEFAULT_LABEL_LIST, seg_version: str = "v1",
                        progress: bool = True) -> list[DroppedOutput]:
@@ -129,6 +141,7 @@ def apply_quality_gate(exp_dir: str | os.PathLike, results: Sequence, tolerances
     specs = [_result_spec(result, rows.get(result.index), exp_dir / label_list_name) for result in done]
     evaluation = evaluate_outputs(specs, exp_dir, tolerances, rim_mm, seg_version=seg_version, progress=progress)
     write_results(exp_dir, evaluation)
+    record_failed_checks(done, specs, evaluation, exp_dir)
     failed = evaluation.failed_outputs()
     dropped = []
     for result, spec in zip(done, specs):
