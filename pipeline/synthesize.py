@@ -88,7 +88,7 @@ def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, ove
     """The merged test config of one stage, pointed at the experiment folder ``out``."""
     stage_overrides = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
     if steps is not None:
-        stage_overrides.append(f"inference.ddim_steps={steps}")
+        stage_overrides.append(f"inference.steps={steps}")
     if not progress:
         stage_overrides.append("inference.progress=false")
     return load_config([config_file], [*stage_overrides, *overrides])

@@ -24,8 +24,8 @@ from inference.thresholds import blocked_region, choose_threshold, target_volume
 
 # ------------------------------------------------------------------------------------------------ options
 def test_options_defaults_per_stage_and_overrides():
-    lmnet = parse_options({"ddim_steps": 4, "exp_dir": "experiments/x"}, "lmnet")
-    assert lmnet.crop_size == (64, 152, 152) and lmnet.ddim_steps == 4 and lmnet.lists["boxes"] == "bbox_list.txt"
+    lmnet = parse_options({"steps": 4, "exp_dir": "experiments/x"}, "lmnet")
+    assert lmnet.crop_size == (64, 152, 152) and lmnet.steps == 4 and lmnet.lists["boxes"] == "bbox_list.txt"
     assert lmnet.thresholds == DEFAULT_THRESHOLDS and lmnet.thresholds[0] == 0.9 and lmnet.thresholds[-1] == 0.3
     linet = parse_options({"crop_size": 32, "lists": {"label": "masks.txt"}}, "linet")
     assert linet.crop_size == (32, 32, 32) and linet.lists["label"] == "masks.txt"
@@ -40,7 +40,8 @@ def test_options_defaults_per_stage_and_overrides():
     ({"crop_size": [8, 16]}, "inference.crop_size"),
     ({"thresholds": [0.5, 1.2]}, "inference.thresholds"),
     ({"seed": -1}, "inference.seed"),
-    ({"ddim_steps": 2.5}, "inference.ddim_steps: must be an integer"),
+    ({"steps": 2.5}, "inference.steps: must be an integer"),
+    ({"sampler": "dpmpp_2m", "timestep_spacing": "original"}, "inference.timestep_spacing"),
     ({"thresholds": ["high"]}, "inference.thresholds"),
     ({"overwrite": "yes"}, "inference.overwrite: must be true or false"),
     ({"stage": "linet"}, "does not match the model"),
