@@ -3,7 +3,7 @@
     python pipeline/synthesize.py --ct CT.nii.gz [CT2.nii.gz ...] --organ liver --lesion cyst --out DIR \
         [--attributes '{"density": "hypodense lesion"}'] [--seg SEG.nii.gz ...] [--seg-version v2] \
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
-        [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1]
+        [--seed N] [--reporter offline|llm] [--sampler NAME] [--steps N] [--gpus 0,1]
 
 Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
 affine, data type and scaling, unchanged beyond a thin rim around the lesions) and ``inpainting_0_label.nii.gz``
@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 from ldm.cli import find_config, parse_gpus, run_command
 from ldm.errors import ConfigError
 from ldm.fileio import write_json_atomic, write_text_atomic
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.util import load_config, resolve_path
 from inference.required_files import check_required_files
 
@@ -84,11 +85,13 @@ def _run_preprocess(out: Path, lists: dict, seg_version: str, seed: int, reporte
 
 
 def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, overrides: Sequence[str],
-                  overwrite: bool, progress: bool):
+                  overwrite: bool, progress: bool, sampler: str | None = None):
     """The merged test config of one stage, pointed at the experiment folder ``out``."""
     stage_overrides = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}"]
     if steps is not None:
         stage_overrides.append(f"inference.steps={steps}")
+    if sampler is not None:
+        stage_overrides.append(f"inference.sampler={sampler}")
     if not progress:
         stage_overrides.append("inference.progress=false")
     return load_config([config_file], [*stage_overrides, *overrides])
@@ -169,12 +172,14 @@ def synthesize(
     llm_model: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    sampler: str | None = None,
 ) -> list[SynthesisRow]:
     """Synthesise ``lesion`` lesions in ``organ`` of every CT; returns one row per CT, in input order.
 
     ``attributes`` fixes report attributes (e.g. ``{"density": "hypodense lesion"}``); ``segs`` gives organ
     segmentations instead of running TotalSegmentator; ``overrides`` (``inference.key=value``) apply to both
-    stages. A CT that fails at any stage is reported in its row; the others go on.
+    stages; ``sampler`` and ``steps`` (default: the configs') are those of both stages. A CT that fails at any stage
+    is reported in its row; the others go on.
     """
     out = Path(resolve_path(out, Path.cwd()))
     cts = [Path(resolve_path(ct, Path.cwd())) for ct in cts]
@@ -189,7 +194,7 @@ def synthesize(
     from quality.gate import gate_stage
 
     config_files = find_config(lmnet_config), find_config(linet_config)
-    configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress) for path in config_files]
+    configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress, sampler) for path in config_files]
     check_required_files(*configs)
     options = _stage_options(configs)
     bound = capacity_xyz(as_spacing_xyz(spacing), options[0].crop_size, options[1].crop_size, options[1].rim_mm)
@@ -199,7 +204,7 @@ def synthesize(
                               llm_model, overwrite, progress, bound)
     settings = {"cts": [str(ct) for ct in cts], "segs": [str(seg) for seg in segs or []], "wanted": wanted,
                 "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
-                "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model]}
+                "boxes": boxes_per_case, "steps": steps, "sampler": sampler, "overrides": list(overrides), "llm": [llm_base_url, llm_model]}
     fingerprint = _fingerprint(settings, config_files, out, [record["case_id"] for record in records])
     reused = None if overwrite else _reusable(out, fingerprint)
     if reused is not None:
@@ -263,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm-model", help="model name for --reporter llm")
     parser.add_argument("--spacing", type=float, nargs="+", default=[1.0], help="standardised voxel size (mm)")
     parser.add_argument("--boxes-per-case", type=int, default=1, help="lesions per CT")
-    parser.add_argument("--steps", type=int, help="DDIM steps of both stages (default: the configs')")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS),
+                        help="sampler of both stages (default: the configs'; see docs/samplers.md)")
+    parser.add_argument("--steps", type=int, help="sampling steps of both stages (default: the configs')")
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,1")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides for both test configs, e.g. inference.guidance_scale=2")
@@ -292,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
                       args.lmnet_config, args.linet_config, args.seed, args.reporter, args.spacing,
                       args.boxes_per_case, args.steps, parse_gpus(args.gpus),
                       args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
-                      args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress)
+                      args.llm_base_url, args.llm_model, args.overwrite, not args.no_progress, sampler=args.sampler)
     print("\n".join(table(rows)))
     return 0 if all(row.ok for row in rows) else 1
 
