@@ -283,6 +283,8 @@ def main() -> None:
     parser.add_argument("--vq-modes", nargs="+", default=["whole", "streamed"],
                         choices=["whole", "streamed", "overlapping"],
                         help="VQ decodes to compare (overlapping: the old extra-pass tiling, ~17x slower)")
+    parser.add_argument("--fast-conv", choices=["both", "on", "off"], default="both",
+                        help="lmnet/linet cases with fast_conv off and on (both), or one of them")
     parser.add_argument("--batch", type=int, default=4, help="lesions per UNet batch in the batching comparison")
     parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes", "phases"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -290,9 +292,10 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case), args.device, args.threads)))
         return
+    switches = {"both": (False, True), "on": (True,), "off": (False,)}[args.fast_conv]
     cases = [{"kind": kind, "config": config, "sampler": args.sampler, "steps": steps, "fast_conv": fast}
              for kind, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))
-             for steps in args.steps for fast in (False, True)]
+             for steps in args.steps for fast in switches]
     cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "mode": mode, "tile": args.vq_tile[0],
                "overlap": args.vq_tile[1]} for mode in args.vq_modes]
     cases += [{"kind": "batching", "stage": stage, "config": config, "sampler": args.sampler, "steps": args.steps[0],

@@ -1,7 +1,7 @@
 """Convergence of every sampler against a 1000-step deterministic DDIM (eta 0) reference from the same noise.
 
     .venv/bin/python bench/samplers.py [--steps 10 20 50 200] [--reference-steps 1000] [--crop 16 32 32]
-        [--weights demo|random] [--threads 2]
+        [--weights demo|random|gaussian] [--threads 2]
 
 For LMNet (the final mask logits) and LINet (the final latent, inpainting blend ``clean`` on, error inside the
 mask) and each sampler and step count: the relative RMS error ``||x - x_ref|| / ||x_ref||`` and the largest
@@ -10,8 +10,10 @@ conditioning. Deterministic samplers (DDIM eta 0, dpmpp_2m, unipc) converge to t
 (DDIM eta 1, ddpm, dpmpp_2m_sde) draw fresh noise at every step, so their error measures the spread of the samples
 rather than a discretisation error. ``--weights demo`` loads ``demo/checkpoints`` (``make demo``; the conditioning is
 a phantom-like organ with a box and a fixed report), ``random`` gives the demo architectures random weights in
-their zero-initialised layers (a non-trivial but untrained denoiser: a check of the solvers, not of a model).
-Prints one JSON line per row, then a table.
+their zero-initialised layers (untrained: its noise predictions are not those of any data, so its numbers check
+that the path runs and say nothing about convergence), ``gaussian`` replaces both models by the exact denoiser of
+Gaussian data (mean 0.3, std 0.6 per voxel; LINet's known latent and mask as with the models): the solvers'
+discretisation error alone. Prints one JSON line per row, then a table.
 """
 from __future__ import annotations
 
@@ -75,9 +77,41 @@ def stage_inputs(stage: str, model, crop: list[int]) -> tuple[list[torch.Tensor]
     return [latent, mask], context
 
 
+class GaussianData:
+    """Stands in for a model: the exact noise prediction for data ~ N(mean, std^2) per voxel, sampled through
+    :func:`sample_loop` with the same schedule, latent shape and inpainting blend as the demo models."""
+
+    def __init__(self, stage: str, mean: float = 0.3, std: float = 0.6):
+        from ldm.modules.diffusionmodules.util import make_beta_schedule
+
+        self.stage, self.mean, self.std = stage, mean, std
+        self.alphas_cumprod = torch.from_numpy((1 - make_beta_schedule("linear", 1000, 0.0015, 0.0195)).cumprod(0))
+
+    def encode_context(self, texts):
+        return None
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.randn(1, 4, *[size // 2 for size in image.shape[2:]], generator=torch.Generator().manual_seed(0))
+
+    def sample(self, *inputs, sampling: SamplerSettings, generator: torch.Generator) -> torch.Tensor:
+        from ldm.models.diffusion.samplers import make_sampler, sample_loop
+
+        def denoise(x, t):
+            alpha = self.alphas_cumprod[t.cpu()].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+            return (1 - alpha).sqrt() * (x - alpha.sqrt() * self.mean) / (alpha * self.std**2 + 1 - alpha)
+
+        known, mask = (None, None) if self.stage == "lmnet" else inputs
+        shape = (1, 1, *inputs[0].shape[2:]) if self.stage == "lmnet" else tuple(known.shape)
+        return sample_loop(make_sampler(sampling, self.alphas_cumprod), denoise, shape, sampling.steps, generator,
+                           known=known, mask=mask)
+
+
 def run(model, inputs, context, sampling: SamplerSettings) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
-    sample = model.sample(*inputs, context, sampling, generator=torch.Generator().manual_seed(7))
+    if isinstance(model, GaussianData):
+        sample = model.sample(*inputs, sampling=sampling, generator=torch.Generator().manual_seed(7))
+    else:
+        sample = model.sample(*inputs, context, sampling, generator=torch.Generator().manual_seed(7))
     return sample, time.perf_counter() - start
 
 
@@ -94,14 +128,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 200])
     parser.add_argument("--reference-steps", type=int, default=1000)
     parser.add_argument("--crop", type=int, nargs=3, default=[16, 32, 32], help="image crop of both stages")
-    parser.add_argument("--weights", choices=("demo", "random"), default="demo")
+    parser.add_argument("--weights", choices=("demo", "random", "gaussian"), default="demo")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for stage in args.stages:
-        model = load_model(stage, args.weights)
+        model = GaussianData(stage) if args.weights == "gaussian" else load_model(stage, args.weights)
         inputs, context = stage_inputs(stage, model, args.crop)
         region = (inputs[1] > 0).expand_as(inputs[0]) if stage == "linet" else None
         reference, seconds = run(model, inputs, context, SamplerSettings("ddim", args.reference_steps, eta=0.0))
