@@ -185,7 +185,8 @@ def bench_boxes(lmnet_config: str, linet_config: str, sampling, batch: int, devi
     stages = {}
     for stage, config, process in (("lmnet", lmnet_config, sample_case), ("linet", linet_config, inpaint_case)):
         model, inference = build(config, device, drop_checkpoints=False)
-        inference.update(steps=sampling.steps, sampler=sampling.name, device=device.type, progress=False, preview=False, overwrite=False,
+        inference.update(steps=sampling.steps, sampler=sampling.name, device=device.type, progress=False,
+                         preview=False, overwrite=False,
                          min_fill=0.0, max_mask_num=batch, min_component_voxels=1)
         stages[stage] = (model, parse_options(inference, stage), process)
     crop = [max(sizes) for sizes in zip(*(options.crop_size for _, options, _ in stages.values()))]

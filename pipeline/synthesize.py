@@ -204,7 +204,9 @@ def synthesize(
                               llm_model, overwrite, progress, bound)
     settings = {"cts": [str(ct) for ct in cts], "segs": [str(seg) for seg in segs or []], "wanted": wanted,
                 "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
-                "boxes": boxes_per_case, "steps": steps, "sampler": sampler, "overrides": list(overrides), "llm": [llm_base_url, llm_model]}
+                "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model]}
+    if sampler is not None:  # absent when not given, so the runs made before this option stay reusable
+        settings["sampler"] = sampler
     fingerprint = _fingerprint(settings, config_files, out, [record["case_id"] for record in records])
     reused = None if overwrite else _reusable(out, fingerprint)
     if reused is not None:

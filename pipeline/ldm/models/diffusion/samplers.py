@@ -161,9 +161,9 @@ class MultistepSolver:
     and the timestep ``spacing``: ``karras`` (Karras et al. noise levels, dense near clean data; the UNet gets the
     nearest integer timestep), ``lu`` (uniform in log-SNR, DPM-Solver only), or diffusers' ``linspace`` /
     ``trailing``. Uniform timesteps end with one long first-order step to clean data from ``t = T / n``; with 10-20
-    steps that step costs more accuracy than the second-order updates gain (``tests/test_samplers.py``). Its stochastic form takes the noise of each step from :func:`randn`, so every
-    batch item draws from its own generator. Steps must run in order after :meth:`set_timesteps` (the solver keeps
-    earlier predictions)."""
+    steps that step costs more accuracy than the second-order updates gain (``tests/test_samplers.py``). Its
+    stochastic form takes the noise of each step from :func:`randn`, so every batch item draws from its own
+    generator. Steps must run in order after :meth:`set_timesteps` (the solver keeps earlier predictions)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, make_scheduler: Callable[..., object], stochastic: bool,
                  spacing: str = "karras"):
