@@ -190,9 +190,11 @@ def synthesize(
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
     from inference.preflight import capacity_xyz
     from inference.runner import run_inference
+    from ldm.data import read_cache
     from preprocessing.standardise import as_spacing_xyz
     from quality.gate import gate_stage
 
+    read_cache.enable()  # preflight, both stages and the quality gate read the same files
     config_files = find_config(lmnet_config), find_config(linet_config)
     configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress, sampler) for path in config_files]
     check_required_files(*configs)

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None, after_stage=None) -> int:
 def run(args: argparse.Namespace, overrides: list[str], after_stage=None) -> int:
     """Run the parsed command line; returns the exit status."""
     from inference.runner import run_inference
+    from ldm.data import read_cache
 
+    read_cache.enable()  # preflight, the stage and the quality gate read the same files
     try:
         config = load_config([find_config(path) for path in args.base])
         config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
