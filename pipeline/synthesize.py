@@ -151,6 +151,24 @@ def _preflight_rows(out: Path, options: Sequence, by_case: dict[str, SynthesisRo
             del by_case[case.case_id]
 
 
+def _run_stages(configs: Sequence, gpus: Sequence[int], by_case: dict[str, SynthesisRow]) -> None:
+    """LMNet then LINet with the quality gate; each case's row gets its outputs, warnings or failure."""
+    from inference.runner import run_inference
+    from quality.gate import gate_stage
+
+    for stage, config in zip(("lmnet", "linet"), configs):
+        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage)
+        for result in outcome.results:
+            row = by_case.get(result.case_id)
+            if row is None or not row.ok:
+                continue
+            row.warnings.extend(f"{stage}: {warning}" for warning in result.warnings)
+            if result.ok:
+                row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
+            else:
+                row.stage, row.error = stage, result.error
+
+
 def synthesize(
     cts: Sequence[str | Path],
     organ: str,
@@ -189,12 +207,9 @@ def synthesize(
         raise ConfigError(f"{len(cts)} CT(s) but {len(segs)} segmentation(s): give one --seg per --ct")
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
     from inference.preflight import capacity_xyz
-    from inference.runner import run_inference
     from ldm.data import read_cache
     from preprocessing.standardise import as_spacing_xyz
-    from quality.gate import gate_stage
 
-    read_cache.enable()  # preflight, both stages and the quality gate read the same files
     config_files = find_config(lmnet_config), find_config(linet_config)
     configs = [_stage_config(path, out, seed, steps, overrides, overwrite, progress, sampler) for path in config_files]
     check_required_files(*configs)
@@ -221,19 +236,10 @@ def synthesize(
             row.stage, row.error = "preprocess", record["error"]
         else:
             by_case[row.case_id] = row
-    if by_case:
-        _preflight_rows(out, options, by_case)
-    for stage, config in zip(("lmnet", "linet"), configs if by_case else ()):
-        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage)
-        for result in outcome.results:
-            row = by_case.get(result.case_id)
-            if row is None or not row.ok:
-                continue
-            row.warnings.extend(f"{stage}: {warning}" for warning in result.warnings)
-            if result.ok:
-                row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
-            else:
-                row.stage, row.error = stage, result.error
+    with read_cache.enabled():  # preflight, both stages and the quality gate read the same files
+        if by_case:
+            _preflight_rows(out, options, by_case)
+        _run_stages(configs if by_case else (), gpus, by_case)
     write_json_atomic(out / RUN_RECORD, {"fingerprint": fingerprint, "rows": [asdict(row) for row in rows]}, indent=1)
     return rows
 

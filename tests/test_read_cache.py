@@ -43,3 +43,15 @@ def test_nothing_is_kept_when_off_or_too_large(tmp_path, cache):
     assert cache.cached_count() == 0
     with pytest.raises(Exception, match="file not found"):
         read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_enabled_holds_for_the_block_only(tmp_path, cache):
+    cache.enable(0)
+    path = write_volume(tmp_path / "ct.nii.gz", np.zeros((4, 4, 4), dtype=np.float32),
+                        geometry_for((4, 4, 4), (1.0, 1.0, 1.0)))
+    with cache.enabled():
+        read_volume(path)
+        assert cache.cached_count() == 1
+    assert cache.cached_count() == 0
+    read_volume(path)
+    assert cache.cached_count() == 0

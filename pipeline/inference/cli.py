@@ -83,11 +83,11 @@ def run(args: argparse.Namespace, overrides: list[str], after_stage=None) -> int
     from inference.runner import run_inference
     from ldm.data import read_cache
 
-    read_cache.enable()  # preflight, the stage and the quality gate read the same files
     try:
         config = load_config([find_config(path) for path in args.base])
         config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
-        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage)
+        with read_cache.enabled():  # preflight, the stage and the quality gate read the same files
+            outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage)
     except LesionDiffusionError as error:
         if args.debug:
             raise

@@ -1,6 +1,7 @@
 """An in-process cache of decoded volumes, so that one inference run reading the same NIfTI file several times (the
 preflight checks, then each stage, then the quality gate) decodes its gzip stream once. Off unless :func:`enable`d
-(``test.py`` and ``synthesize.py`` do; training reads each file once per epoch and keeps its memory).
+(``test.py`` and ``synthesize.py`` do, for the length of their run: :func:`enabled`; training reads each file once
+per epoch and keeps its memory).
 
 An entry is keyed by the path as given, the file's inode, size and modification time (an atomic rewrite gets a new
 inode) and the requested dtype; every read returns its own copy of the array and of the geometry, so callers may
@@ -12,6 +13,7 @@ import functools
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -28,6 +30,20 @@ def enable(limit: int = DEFAULT_LIMIT) -> None:
     with _lock:
         _limit = int(limit)
         _trim()
+
+
+@contextmanager
+def enabled(limit: int = DEFAULT_LIMIT):
+    """The cache on (at most ``limit`` bytes) for the block; afterwards the previous limit, and the volumes cached
+    in the block forgotten."""
+    previous = _limit
+    enable(limit)
+    try:
+        yield
+    finally:
+        with _lock:
+            _entries.clear()
+        enable(previous)
 
 
 def _trim() -> None:
