@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean-venv
+# The GPU check runs where the GPU is: with .venv when there is one, else the machine's python3 (see
+# docs/samplers.md "GPU check" for a GPU machine without .venv).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+.PHONY: test demo install clean-venv gpu-check
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+gpu-check:
+	$(GPU_PYTHON) -m pytest -q -m gpu tests/test_gpu.py
+	$(GPU_PYTHON) bench/gpu.py
 
 demo: $(STAMP)
 	$(PY) demo/run_demo.py

@@ -1,8 +1,10 @@
 """Per-lesion sampling time of LMNet and LINet, batched versus one by one (lesions of the UNet alone, and the
 boxes of one case end to end), best of K (``--only candidates``: one lesion with K = 1, K candidates one by one
-and K in one batch), and peak memory of tiled versus untiled VQ decoding.
+and K in one batch), peak memory of tiled versus untiled VQ decoding, and where the time of one
+``synthesize.py`` run goes (``--only phases``, see ``bench/phases.py``).
 
-    .venv/bin/python bench/sample.py [--steps 10 50] [--device cpu|cuda] [--threads 2] [--batch 4] [--candidates 4]
+    .venv/bin/python bench/sample.py [--sampler ddim] [--steps 10 50] [--device cpu|cuda] [--threads 2] [--batch 4]
+        [--candidates 4]
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml]
         [--vq-config configs/demo/vq.yaml] [--vq-size 256]
 
@@ -56,7 +58,14 @@ def synchronise(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_lmnet(config: str, steps: int, device, fast_conv: bool) -> dict:
+def settings(case: dict):
+    """The sampler settings of a case: its sampler (default DDIM, eta 1) and step count."""
+    from ldm.models.diffusion.samplers import SamplerSettings
+
+    return SamplerSettings(case.get("sampler", "ddim"), case["steps"])
+
+
+def bench_lmnet(config: str, sampling, device, fast_conv: bool) -> dict:
     import torch
 
     from ldm.modules.diffusionmodules.util import set_fast_conv
@@ -71,12 +80,12 @@ def bench_lmnet(config: str, steps: int, device, fast_conv: bool) -> dict:
                                      "cavity": "within the parenchymal organ,"}])
     synchronise(device)
     start = time.perf_counter()
-    model.sample(cond, context, steps=steps, generator=torch.Generator().manual_seed(0))
+    model.sample(cond, context, sampling, generator=torch.Generator().manual_seed(0))
     synchronise(device)
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
-def bench_linet(config: str, steps: int, device, fast_conv: bool) -> dict:
+def bench_linet(config: str, sampling, device, fast_conv: bool) -> dict:
     import torch
 
     from ldm.modules.diffusionmodules.util import set_fast_conv
@@ -92,13 +101,13 @@ def bench_linet(config: str, steps: int, device, fast_conv: bool) -> dict:
     start = time.perf_counter()
     latent = model.encode(image)
     mask = model.latent_mask(label, latent.shape)
-    sample = model.sample(latent, mask, context, steps=steps, generator=torch.Generator().manual_seed(0))
+    sample = model.sample(latent, mask, context, sampling, generator=torch.Generator().manual_seed(0))
     model.decode(sample)
     synchronise(device)
     return {"crop": crop, "seconds_per_lesion": round(time.perf_counter() - start, 3)}
 
 
-def bench_batching(stage: str, config: str, steps: int, batch: int, device, repeats: int = 2) -> dict:
+def bench_batching(stage: str, config: str, sampling, batch: int, device, repeats: int = 2) -> dict:
     """UNet sampling of ``batch`` lesions one by one and as one batch (per-lesion generators), interleaved; the
     minimum of ``repeats`` per lesion, and the largest difference between the two results."""
     import torch
@@ -119,12 +128,12 @@ def bench_batching(stage: str, config: str, steps: int, batch: int, device, repe
     for _ in range(repeats):
         synchronise(device)
         start = time.perf_counter()
-        alone = torch.cat([model.sample(*[x[i:i + 1] for x in inputs], context[i:i + 1], steps=steps,
+        alone = torch.cat([model.sample(*[x[i:i + 1] for x in inputs], context[i:i + 1], sampling,
                                         generator=generators()[i]) for i in range(batch)])
         synchronise(device)
         times["one_by_one"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        together = model.sample(*inputs, context, steps=steps, generator=generators())
+        together = model.sample(*inputs, context, sampling, generator=generators())
         synchronise(device)
         times["batched"].append(time.perf_counter() - start)
     per_lesion = {f"{name}_seconds_per_lesion": round(min(values) / batch, 3) for name, values in times.items()}
@@ -160,7 +169,7 @@ def write_box_case(folder: Path, crop, boxes: int) -> dict:
     return {name: str(path) for name, path in paths.items()}
 
 
-def bench_boxes(lmnet_config: str, linet_config: str, steps: int, batch: int, device, repeats: int = 2) -> dict:
+def bench_boxes(lmnet_config: str, linet_config: str, sampling, batch: int, device, repeats: int = 2) -> dict:
     """A case with ``batch`` boxes through LMNet then LINet (``inference.sample_case`` / ``inpaint_case``), its boxes
     one by one (batch_size 1) and in waves (batch_size ``batch``), interleaved; per stage the minimum of
     ``repeats`` per lesion and whether the outputs agree (LMNet masks equal, LINet largest HU difference)."""
@@ -178,7 +187,8 @@ def bench_boxes(lmnet_config: str, linet_config: str, steps: int, batch: int, de
     stages = {}
     for stage, config, process in (("lmnet", lmnet_config, sample_case), ("linet", linet_config, inpaint_case)):
         model, inference = build(config, device, drop_checkpoints=False)
-        inference.update(ddim_steps=steps, device=device.type, progress=False, preview=False, overwrite=False,
+        inference.update(steps=sampling.steps, sampler=sampling.name, device=device.type, progress=False,
+                         preview=False, overwrite=False,
                          min_fill=0.0, max_mask_num=batch, min_component_voxels=1)
         stages[stage] = (model, parse_options(inference, stage), process)
     crop = [max(sizes) for sizes in zip(*(options.crop_size for _, options, _ in stages.values()))]
@@ -207,7 +217,7 @@ def bench_boxes(lmnet_config: str, linet_config: str, steps: int, batch: int, de
     return results
 
 
-def bench_candidates(lmnet_config: str, linet_config: str, steps: int, candidates: int, device,
+def bench_candidates(lmnet_config: str, linet_config: str, sampling, candidates: int, device,
                      repeats: int = 2) -> dict:
     """One case with one box through LMNet then LINet with K = 1, K = ``candidates`` one by one (batch_size 1) and
     in one batch (batch_size K), interleaved, judged by the quality gate's checks (default tolerances); per stage
@@ -225,8 +235,8 @@ def bench_candidates(lmnet_config: str, linet_config: str, steps: int, candidate
     stages = {}
     for stage, config, process in (("lmnet", lmnet_config, sample_case), ("linet", linet_config, inpaint_case)):
         model, inference = build(config, device, drop_checkpoints=False)
-        inference.update(ddim_steps=steps, device=device.type, progress=False, preview=False, overwrite=True,
-                         min_fill=0.0)
+        inference.update(steps=sampling.steps, sampler=sampling.name, device=device.type, progress=False,
+                         preview=False, overwrite=True, min_fill=0.0)
         stages[stage] = (model, parse_options(inference, stage), process)
     crop = [max(sizes) for sizes in zip(*(options.crop_size for _, options, _ in stages.values()))]
     results = {}
@@ -293,16 +303,20 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
     device = torch.device(device_name)
     kind = case["kind"]
     if kind == "lmnet":
-        result = bench_lmnet(case["config"], case["steps"], device, case["fast_conv"])
+        result = bench_lmnet(case["config"], settings(case), device, case["fast_conv"])
     elif kind == "linet":
-        result = bench_linet(case["config"], case["steps"], device, case["fast_conv"])
+        result = bench_linet(case["config"], settings(case), device, case["fast_conv"])
     elif kind == "batching":
-        result = bench_batching(case["stage"], case["config"], case["steps"], case["batch"], device)
+        result = bench_batching(case["stage"], case["config"], settings(case), case["batch"], device)
     elif kind == "boxes":
-        result = bench_boxes(case["lmnet_config"], case["linet_config"], case["steps"], case["batch"], device)
+        result = bench_boxes(case["lmnet_config"], case["linet_config"], settings(case), case["batch"], device)
     elif kind == "candidates":
-        result = bench_candidates(case["lmnet_config"], case["linet_config"], case["steps"], case["candidates"],
+        result = bench_candidates(case["lmnet_config"], case["linet_config"], settings(case), case["candidates"],
                                   device)
+    elif kind == "phases":
+        from phases import bench_phases  # bench/ is on the path: this script runs from it
+
+        result = bench_phases(case["lmnet_config"], case["linet_config"], settings(case), device)
     else:
         result = bench_vq_decode(case["config"], case["size"], case["mode"], case["tile"], case["overlap"], device)
     return {**case, "device": device_name, "threads": threads, **result}
@@ -310,6 +324,7 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sampler", default="ddim", help="sampler of every case (see docs/samplers.md)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -322,25 +337,29 @@ def main() -> None:
     parser.add_argument("--vq-modes", nargs="+", default=["whole", "streamed"],
                         choices=["whole", "streamed", "overlapping"],
                         help="VQ decodes to compare (overlapping: the old extra-pass tiling, ~17x slower)")
+    parser.add_argument("--fast-conv", choices=["both", "on", "off"], default="both",
+                        help="lmnet/linet cases with fast_conv off and on (both), or one of them")
     parser.add_argument("--batch", type=int, default=4, help="lesions per UNet batch in the batching comparison")
     parser.add_argument("--candidates", type=int, default=4, help="K of the best-of-K comparison")
-    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes", "candidates"])
+    parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes", "candidates", "phases"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case), args.device, args.threads)))
         return
-    cases = [{"kind": kind, "config": config, "steps": steps, "fast_conv": fast}
+    switches = {"both": (False, True), "on": (True,), "off": (False,)}[args.fast_conv]
+    cases = [{"kind": kind, "config": config, "sampler": args.sampler, "steps": steps, "fast_conv": fast}
              for kind, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))
-             for steps in args.steps for fast in (False, True)]
+             for steps in args.steps for fast in switches]
     cases += [{"kind": "vq", "config": args.vq_config, "size": args.vq_size, "mode": mode, "tile": args.vq_tile[0],
                "overlap": args.vq_tile[1]} for mode in args.vq_modes]
-    cases += [{"kind": "batching", "stage": stage, "config": config, "steps": args.steps[0], "batch": args.batch}
+    cases += [{"kind": "batching", "stage": stage, "config": config, "sampler": args.sampler, "steps": args.steps[0],
+               "batch": args.batch}
               for stage, config in (("lmnet", args.lmnet_config), ("linet", args.linet_config))]
-    cases.append({"kind": "boxes", "lmnet_config": args.lmnet_config, "linet_config": args.linet_config,
-                  "steps": args.steps[0], "batch": args.batch})
+    cases += [{"kind": kind, "lmnet_config": args.lmnet_config, "linet_config": args.linet_config,
+               "sampler": args.sampler, "steps": args.steps[0], "batch": args.batch} for kind in ("boxes", "phases")]
     cases.append({"kind": "candidates", "lmnet_config": args.lmnet_config, "linet_config": args.linet_config,
-                  "steps": args.steps[0], "candidates": args.candidates})
+                  "sampler": args.sampler, "steps": args.steps[0], "candidates": args.candidates})
     for case in cases:
         if args.only and case["kind"] != args.only:
             continue

@@ -4,7 +4,7 @@
         [--attributes '{"density": "hypodense lesion"}'] [--seg SEG.nii.gz ...] [--seg-version v2] \
         [--lmnet-config configs/demo/lmnet_test.yaml --linet-config configs/demo/linet_test.yaml] \
         [--lmnet-ckpt PATH] [--linet-ckpt PATH] [--set [lmnet.|linet.]KEY=VALUE ...] [--spacing MM] \
-        [--seed N] [--reporter offline|llm] [--steps N] [--gpus 0,1] \
+        [--seed N] [--reporter offline|llm] [--sampler NAME] [--steps N] [--gpus 0,1] \
         [--candidates K] [--resample-failed R] [--no-gate]
 
 Writes ``DIR/<case>/inpainting_0.nii.gz`` (the CT with the lesions, on the grid of the CT given: same shape,
@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 from ldm.cli import find_config, parse_gpus, run_command
 from ldm.errors import ConfigError, DataError, MissingWeightsError
 from ldm.fileio import check_output_folder, write_json_atomic, write_text_atomic
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.util import load_config, resolve_path
 from inference.required_files import check_required_files
 from inference.weights import weight_records
@@ -116,13 +117,15 @@ def stage_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
 
 def _stage_config(config_file: str, out: Path, seed: int, steps: int | None, overrides: Sequence[str],
                   overwrite: bool, progress: bool, checkpoint: str | Path | None = None,
-                  judging: Sequence[str] = ()):
+                  judging: Sequence[str] = (), sampler: str | None = None):
     """The merged test config of one stage, pointed at the experiment folder ``out`` (and at ``checkpoint``
     when given); ``judging``: the overrides of best of K, resampling and the gate."""
     settings = [f"inference.exp_dir={out}", f"inference.seed={seed}", f"inference.overwrite={overwrite}",
                 *judging]
     if steps is not None:
-        settings.append(f"inference.ddim_steps={steps}")
+        settings.append(f"inference.steps={steps}")
+    if sampler is not None:
+        settings.append(f"inference.sampler={sampler}")
     if not progress:
         settings.append("inference.progress=false")
     config = load_config([config_file], [*settings, *overrides])
@@ -202,6 +205,32 @@ def _preflight_rows(out: Path, options: Sequence, by_case: dict[str, SynthesisRo
             del by_case[case.case_id]
 
 
+def _run_stages(configs: Sequence, gpus: Sequence[int], by_case: dict[str, SynthesisRow]) -> None:
+    """LMNet then LINet with the quality gate; each case's row gets its outputs, warnings or failure."""
+    from inference.runner import run_inference
+    from quality.candidates import lesion_judge
+    from quality.gate import gate_stage
+
+    for stage, config in zip(STAGES, configs):
+        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage, judge=lesion_judge)
+        for result in outcome.results:
+            row = by_case.get(result.case_id)
+            if row is None or not row.ok:
+                continue
+            row.warnings.extend(f"{stage}: {warning}" for warning in result.warnings)
+            row.lesions.extend(_lesion_entry(stage, lesion) for lesion in result.lesions
+                               if lesion.candidates or lesion.disagree)
+            if result.ok:
+                row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
+            else:
+                row.stage, row.error = stage, result.error
+        for dropped in outcome.dropped:
+            row = by_case.get(dropped.case_id)
+            if row is not None and row.ok:
+                row.stage = "quality gate"
+                row.error = f"{'; '.join(dropped.reasons)}; files kept in {dropped.moved_to.parent}"
+
+
 def synthesize(
     cts: Sequence[str | Path],
     organ: str,
@@ -228,6 +257,7 @@ def synthesize(
     candidates: int = 1,
     resample_failed: int | None = None,
     gate: bool = True,
+    sampler: str | None = None,
 ) -> list[SynthesisRow]:
     """Synthesise ``lesion`` lesions in ``organ`` of every CT; returns one row per CT, in input order.
 
@@ -238,7 +268,8 @@ def synthesize(
     lesion, the best-agreeing kept; ``resample_failed``: further rounds for a lesion that fails its checks (default
     :data:`DEFAULT_RESAMPLE_FAILED` with the gate, 0 without); ``gate``: the quality gate after LINet (a CT with a
     failed lesion fails in stage ``quality gate``, its files kept in ``<case>/rejected/``). A CT that fails at any
-    stage is reported in its row; the others go on.
+    stage is reported in its row; the others go on. ``sampler`` and ``steps`` (default: the configs') are
+    those of both stages.
     """
     out = check_output_folder(resolve_path(out, Path.cwd()), "--out")
     cts = [Path(resolve_path(ct, Path.cwd())) for ct in cts]
@@ -248,11 +279,9 @@ def synthesize(
         raise ConfigError(f"{len(cts)} CT(s) but {len(segs)} segmentation(s): give one --seg per --ct")
     segs = [Path(resolve_path(seg, Path.cwd())) for seg in segs] if segs else None
     from inference.preflight import capacity_xyz
-    from inference.runner import run_inference
     from inference.spacing import command_spacing
+    from ldm.data import read_cache
     from preprocessing.standardise import as_spacing_xyz
-    from quality.candidates import lesion_judge
-    from quality.gate import gate_stage
 
     wanted = {"organ type": organ, "lesion type": lesion, **dict(attributes or {})}
     _check_request(organ, wanted)
@@ -262,7 +291,7 @@ def synthesize(
         resample_failed = DEFAULT_RESAMPLE_FAILED if gate else 0
     judging = [f"inference.candidates={candidates}", f"inference.resample_failed={resample_failed}"]
     configs = [_stage_config(path, out, seed, steps, per_stage[stage], overwrite, progress, checkpoint,
-                             judging + [f"inference.quality_gate={str(gate).lower()}"] * (stage == "linet"))
+                             judging + [f"inference.quality_gate={str(gate).lower()}"] * (stage == "linet"), sampler)
                for path, stage, checkpoint in zip(config_files, STAGES, (lmnet_ckpt, linet_ckpt))]
     check_required_files(*configs)
     options = _stage_options(configs, config_files)
@@ -280,6 +309,8 @@ def synthesize(
                 "seg_version": seg_version, "seed": seed, "reporter": reporter, "spacing": list(spacing),
                 "boxes": boxes_per_case, "steps": steps, "overrides": list(overrides), "llm": [llm_base_url, llm_model],
                 "weights": weights, "candidates": candidates, "resample_failed": resample_failed, "gate": gate}
+    if sampler is not None:  # absent when not given, so the runs made before this option stay reusable
+        settings["sampler"] = sampler
     fingerprint = _fingerprint(settings, config_files, out, [record["case_id"] for record in records])
     reused = None if overwrite else _reusable(out, fingerprint)
     if reused is not None:
@@ -292,26 +323,10 @@ def synthesize(
             row.stage, row.error = "preprocess", record["error"]
         else:
             by_case[row.case_id] = row
-    if by_case:
-        _preflight_rows(out, options, by_case)
-    for stage, config in zip(("lmnet", "linet"), configs if by_case else ()):
-        outcome = run_inference(config, gpus=gpus, after_stage=gate_stage, judge=lesion_judge)
-        for result in outcome.results:
-            row = by_case.get(result.case_id)
-            if row is None or not row.ok:
-                continue
-            row.warnings.extend(f"{stage}: {warning}" for warning in result.warnings)
-            row.lesions.extend(_lesion_entry(stage, lesion) for lesion in result.lesions
-                               if lesion.candidates or lesion.disagree)
-            if result.ok:
-                row.outputs.update({f"{stage}_{kind}": path for kind, path in result.outputs.items()})
-            else:
-                row.stage, row.error = stage, result.error
-        for dropped in outcome.dropped:
-            row = by_case.get(dropped.case_id)
-            if row is not None and row.ok:
-                row.stage = "quality gate"
-                row.error = f"{'; '.join(dropped.reasons)}; files kept in {dropped.moved_to.parent}"
+    with read_cache.enabled():  # preflight, both stages and the quality gate read the same files
+        if by_case:
+            _preflight_rows(out, options, by_case)
+        _run_stages(configs if by_case else (), gpus, by_case)
     write_json_atomic(out / RUN_RECORD, {"fingerprint": fingerprint, "weights": weights,
                                          "rows": [asdict(row) for row in rows]}, indent=1)
     return rows
@@ -376,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="standardised voxel size (mm; default: the configs' inference.training_spacing_mm, "
                              "else 1)")
     parser.add_argument("--boxes-per-case", type=int, default=1, help="lesions per CT")
-    parser.add_argument("--steps", type=int, help="DDIM steps of both stages (default: the configs')")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS),
+                        help="sampler of both stages (default: the configs'; see docs/samplers.md)")
+    parser.add_argument("--steps", type=int, help="sampling steps of both stages (default: the configs')")
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,1")
     parser.add_argument("--candidates", type=int, default=1, metavar="K",
                         help="samples per lesion; the one agreeing with the most requested attributes is kept")
@@ -416,7 +433,8 @@ def run(args: argparse.Namespace) -> int:
                       overrides=args.overrides + ["trust_checkpoint=true"] * args.trust_checkpoint,
                       llm_base_url=args.llm_base_url, llm_model=args.llm_model, overwrite=args.overwrite,
                       progress=not args.no_progress, lmnet_ckpt=args.lmnet_ckpt, linet_ckpt=args.linet_ckpt,
-                      candidates=args.candidates, resample_failed=args.resample_failed, gate=not args.no_gate)
+                      candidates=args.candidates, resample_failed=args.resample_failed, gate=not args.no_gate,
+                      sampler=args.sampler)
     print("\n".join(table(rows)))
     return 0 if all(row.ok for row in rows) else 1
 

@@ -62,7 +62,7 @@ def demo(tmp_path_factory):
 
 
 def demo_run(stage, checkpoint, exp_dir):
-    overrides = [f"model.params.ckpt_path={checkpoint}", f"inference.exp_dir={exp_dir}", "inference.ddim_steps=2",
+    overrides = [f"model.params.ckpt_path={checkpoint}", f"inference.exp_dir={exp_dir}", "inference.steps=2",
                  f"inference.crop_size={DEMO_CROPS[stage]}", "inference.progress=false", "inference.preview=false"]
     return run_inference(load_config([PIPELINE_DIR / "configs" / DEMO_TEST[stage]], overrides))
 
@@ -216,7 +216,7 @@ def test_spacing_guard_names_cases_off_the_training_spacing(demo, tmp_path):
 def test_out_of_memory_in_one_case_frees_memory_and_the_next_case_runs(tmp_path, monkeypatch):
     phantoms = phantom_dataset(tmp_path / "phantoms")
     exp_dir = phantom_experiment(tmp_path / "exp", phantoms, cases=2)
-    config = inference_config("lmnet", save_checkpoint("lmnet", tmp_path / "lmnet.ckpt"), exp_dir, ddim_steps=2,
+    config = inference_config("lmnet", save_checkpoint("lmnet", tmp_path / "lmnet.ckpt"), exp_dir, steps=2,
                               attempts=1)
     options = parse_options(config.inference, "lmnet")
     model = load_model(config)

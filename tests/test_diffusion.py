@@ -8,6 +8,7 @@ from ldm.errors import MissingWeightsError
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.models.diffusion.mask import MaskDiffusion
 from ldm.models.diffusion.masks import filled_bbox
+from ldm.models.diffusion.samplers import SamplerSettings
 from ldm.util import PIPELINE_DIR, instantiate_from_config, load_config
 
 
@@ -108,7 +109,7 @@ def test_context_changes_the_sample_and_guidance_scales():
     model.eval()
     inputs = model.get_input(lesion_batch(1))
     other = model.encode_context([{"location": "kidney left", "shape": "cystic"}])
-    draw = lambda context, scale=1.0: model.sample(inputs["cond"], context, steps=4,
+    draw = lambda context, scale=1.0: model.sample(inputs["cond"], context, SamplerSettings(steps=4),
                                                    generator=torch.Generator().manual_seed(0), guidance_scale=scale)
     base = draw(inputs["context"])
     assert base.shape == (1, 1, 8, 16, 16)

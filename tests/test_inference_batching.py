@@ -11,7 +11,7 @@ from test_inference_fixtures import (inference_config, model_block, phantom_data
                                      save_checkpoint)
 
 from ldm.data.volume import read_label, read_volume
-from ldm.models.diffusion.samplers import randn
+from ldm.models.diffusion.samplers import SamplerSettings, randn
 from ldm.util import instantiate_from_config, make_generator
 from inference.batching import BatchingModel, run_cases
 from inference.cases import read_cases
@@ -41,7 +41,7 @@ def test_batched_sampling_equals_one_by_one(stage):
     model.eval()
     context = model.encode_context([{"shape": "round-like,"}, {"shape": "irregular,"}, {"density": "low density,"}])
     seeds = (11, 12, 13)
-    settings = dict(steps=3, eta=1.0, guidance_scale=2.0)
+    settings = dict(sampling=SamplerSettings(steps=3, eta=1.0), guidance_scale=2.0)
     if stage == "lmnet":
         inputs = [(torch.rand(3, 3, 8, 16, 16) > 0.5).float()]
     else:

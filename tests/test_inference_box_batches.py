@@ -10,6 +10,7 @@ from test_inference_fixtures import (inference_config, model_block, phantom_data
                                      save_checkpoint, write_lists)
 
 from ldm.data.volume import read_label, read_volume, write_volume
+from ldm.models.diffusion.samplers import SamplerSettings
 from ldm.util import instantiate_from_config
 from inference.box_batches import BoxWaves, ItemInputs, sample_items, same_basis, slices_meet
 from inference.cases import read_cases
@@ -49,7 +50,7 @@ def test_a_wave_sample_is_used_only_for_the_basis_it_was_sampled_with():
         return ItemInputs((cond[index:index + 1], model.encode_context([{"shape": shape}])), 100 + index)
 
     def sample(items):
-        return sample_items(model, items, steps=3, eta=1.0, guidance_scale=2.0)
+        return sample_items(model, items, sampling=SamplerSettings(steps=3, eta=1.0), guidance_scale=2.0)
 
     def alone(index, shape):
         return sample([prepare(index, shape)])[0]

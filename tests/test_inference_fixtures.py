@@ -63,7 +63,7 @@ def save_checkpoint(stage: str, path: Path, seed: int = 0) -> Path:
 
 def inference_config(stage: str, checkpoint: Path, exp_dir: Path | None, **inference):
     """A merged test config for the tiny model: few DDIM steps, tiny crops, no progress bars, CPU."""
-    settings = {"exp_dir": str(exp_dir) if exp_dir else None, "ddim_steps": 3, "seed": 7, "device": "cpu",
+    settings = {"exp_dir": str(exp_dir) if exp_dir else None, "steps": 3, "seed": 7, "device": "cpu",
                 "crop_size": list(LMNET_CROP if stage == "lmnet" else LINET_CROP), "progress": False,
                 **({"rim_mm": 2.0} if stage == "linet" else {})}
     settings.update(inference)

@@ -84,7 +84,7 @@ def test_failed_cases_fail_alone_with_the_reason(pipeline):
     assert not (pipeline["exp"] / "case_007" / "samples_0.nii.gz").exists()
     report = json.loads((pipeline["exp"] / "lmnet_report.json").read_text())
     assert [case["status"] for case in report["cases"]] == ["done", "failed", "failed", "done"]
-    assert report["options"]["ddim_steps"] == 3
+    assert report["options"]["steps"] == 3
 
 
 def test_linet_changes_only_the_lesion_region(pipeline):

@@ -11,6 +11,7 @@ import torch
 from ldm.data.crops import plan_crop, take_crop
 from ldm.data.volume import Geometry
 from ldm.errors import ConfigError, DataError
+from ldm.models.diffusion.samplers import SamplerSettings
 from inference.cases import case_folders, output_path, write_list
 from inference.linet import hu_warning
 from inference.devices import Placement, autocast_dtype, neighbour_gpus, plan_placements
@@ -24,8 +25,8 @@ from inference.thresholds import blocked_region, choose_threshold, target_volume
 
 # ------------------------------------------------------------------------------------------------ options
 def test_options_defaults_per_stage_and_overrides():
-    lmnet = parse_options({"ddim_steps": 4, "exp_dir": "experiments/x"}, "lmnet")
-    assert lmnet.crop_size == (64, 152, 152) and lmnet.ddim_steps == 4 and lmnet.lists["boxes"] == "bbox_list.txt"
+    lmnet = parse_options({"steps": 4, "exp_dir": "experiments/x"}, "lmnet")
+    assert lmnet.crop_size == (64, 152, 152) and lmnet.steps == 4 and lmnet.lists["boxes"] == "bbox_list.txt"
     assert lmnet.thresholds == DEFAULT_THRESHOLDS and lmnet.thresholds[0] == 0.9 and lmnet.thresholds[-1] == 0.3
     linet = parse_options({"crop_size": 32, "lists": {"label": "masks.txt"}}, "linet")
     assert linet.crop_size == (32, 32, 32) and linet.lists["label"] == "masks.txt"
@@ -40,7 +41,8 @@ def test_options_defaults_per_stage_and_overrides():
     ({"crop_size": [8, 16]}, "inference.crop_size"),
     ({"thresholds": [0.5, 1.2]}, "inference.thresholds"),
     ({"seed": -1}, "inference.seed"),
-    ({"ddim_steps": 2.5}, "inference.ddim_steps: must be an integer"),
+    ({"steps": 2.5}, "inference.steps: must be an integer"),
+    ({"sampler": "dpmpp_2m", "timestep_spacing": "original"}, "inference.timestep_spacing"),
     ({"thresholds": ["high"]}, "inference.thresholds"),
     ({"overwrite": "yes"}, "inference.overwrite: must be true or false"),
     ({"stage": "linet"}, "does not match the model"),
@@ -258,3 +260,13 @@ def test_hu_sanity_warning_and_summary():
     assert summary_lines([done, failed], "linet") == [
         "  a: 1 lesion(s) -> inpainting_0.nii.gz (1.2 s)", "    warning: lesion 0: far",
         "  b: FAILED: b.nii.gz: file not found", "linet: 2 case(s), 1 done, 1 failed"]
+
+
+def test_sampler_settings_come_as_one_object_and_ddim_steps_still_reads_with_a_warning():
+    options = parse_options({"sampler": "dpmpp_2m_sde", "steps": 20, "timestep_spacing": "trailing"}, "lmnet")
+    assert options.sampling == SamplerSettings("dpmpp_2m_sde", 20, 1.0, "trailing")
+    assert parse_options({"sampler": "unipc"}, "linet").sampling.resolved_spacing == "karras"
+    assert parse_options({}, "linet").sampling == SamplerSettings("ddim", 200, 1.0, None)
+    with pytest.warns(FutureWarning, match="inference.ddim_steps is deprecated, use inference.steps"):
+        old = parse_options({"steps": 50, "ddim_steps": 7}, "lmnet")   # an old override on a new config
+    assert old.steps == 7 and old.sampling.steps == 7

@@ -4,6 +4,7 @@ import torch
 from conftest import VOCABULARY_ENCODER, load_manifest, tiny_unet_config
 
 from ldm.models.diffusion.inpainting import InpaintingDiffusion, dice_loss
+from ldm.models.diffusion.samplers import SamplerSettings
 from ldm.util import PIPELINE_DIR, instantiate_from_config, load_config
 
 TINY_VQ = {
@@ -98,11 +99,11 @@ def test_linet_overfits_one_batch_at_fixed_noise():
 def test_sampling_keeps_the_latent_outside_the_mask_and_decodes(blend):
     model = tiny_linet(use_ema=False).eval()
     inputs = model.get_input(image_batch())
-    sample = model.sample(inputs["x_start"], inputs["mask"], inputs["context"], steps=3, blend=blend,
-                          generator=torch.Generator().manual_seed(0))
+    sample = model.sample(inputs["x_start"], inputs["mask"], inputs["context"], SamplerSettings(steps=3),
+                          blend=blend, generator=torch.Generator().manual_seed(0))
     outside = (inputs["mask"] == 0).expand_as(sample)
     assert torch.equal(sample[outside], inputs["x_start"][outside])
-    again = model.sample(inputs["x_start"], inputs["mask"], inputs["context"], steps=3, blend=blend,
-                         generator=torch.Generator().manual_seed(0))
+    again = model.sample(inputs["x_start"], inputs["mask"], inputs["context"], SamplerSettings(steps=3),
+                         blend=blend, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample, again)
     assert model.decode(sample).shape == (1, 1, 16, 32, 32)

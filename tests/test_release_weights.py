@@ -43,7 +43,7 @@ def test_the_three_release_files_run_both_stages_with_nothing_else(weights, tmp_
     results = {}
     for stage, checkpoint, config, crop in STAGES:
         overrides = [f"model.params.ckpt_path={weights / checkpoint}", f"inference.exp_dir={exp_dir}",
-                     "inference.ddim_steps=2", f"inference.crop_size={crop}", "inference.device=cpu",
+                     "inference.steps=2", f"inference.crop_size={crop}", "inference.device=cpu",
                      "inference.progress=false", "inference.preview=false"]
         outcome = run_inference(load_config([PIPELINE_DIR / "configs" / "diffusion" / config], overrides))
         results[stage] = outcome.results[0]

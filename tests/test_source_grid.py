@@ -54,7 +54,7 @@ def test_synthesis_into_the_real_ct_stays_on_its_grid(configs, tmp_path):
     example = require_shared(TOTALSEG_EXAMPLE)
     ct, seg = example / "example_ct_sm.nii.gz", example / "example_seg.nii.gz"
     kwargs = dict(segs=[seg], seg_version="v2", lmnet_config=configs["lmnet"], linet_config=configs["linet"],
-                  spacing=[1.0], seed=5, progress=False, overrides=["inference.ddim_steps=2"],
+                  spacing=[1.0], seed=5, progress=False, overrides=["inference.steps=2"],
                   gate=False)  # random weights: the gate would reject the lesion (test_synthesize_gate.py)
     (row,) = synthesize.synthesize([ct], "liver", "cyst", tmp_path / "a", **kwargs)
     outside, reach = assert_on_input_grid(row, ct)
@@ -97,7 +97,7 @@ def test_synthesis_into_an_oblique_scaled_anisotropic_phantom(configs, tmp_path)
     paths, organ = _oblique_scaled_phantom(tmp_path)
     (row,) = synthesize.synthesize([paths["healthy"]], organ, "cyst", tmp_path / "out", segs=[paths["seg"]],
                                    lmnet_config=configs["lmnet"], linet_config=configs["linet"], spacing=[1.0],
-                                   seed=1, progress=False, overrides=["inference.ddim_steps=2"], gate=False)
+                                   seed=1, progress=False, overrides=["inference.steps=2"], gate=False)
     outside, reach = assert_on_input_grid(row, paths["healthy"])
     assert reach < RIM_MM and outside > 0   # 1.2-1.5 mm in-plane voxels: the 2 mm rim holds a few voxels
     assert nib.load(row.outputs["linet_image"]).get_data_dtype() == np.uint16

@@ -8,11 +8,12 @@ from omegaconf import OmegaConf
 
 from ldm.cli import find_config, one_line_warnings, parse_gpus, split_overrides
 from ldm.errors import LesionDiffusionError
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.util import load_config, parse_overrides
 from inference.results import summary_lines
 
 # Flags that set an ``inference.*`` key (flag destination -> key).
-FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "ddim_steps", "eta": "eta",
+FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "steps", "eta": "eta",
              "guidance_scale": "guidance_scale", "sampler": "sampler", "precision": "precision",
              "vq_device": "vq_device", "max_mask_num": "max_mask_num", "candidates": "candidates",
              "resample_failed": "resample_failed"}
@@ -21,7 +22,7 @@ EPILOG = """examples:
   python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
   python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2
   torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
-  python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp inference.ddim_steps=20
+  python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp --sampler dpmpp_2m --steps 20
   python pipeline/test.py --base configs/demo/linet_test.yaml --exp demo/exp --candidates 4 --resample-failed 2
 Config paths resolve against pipeline/ when relative and not found from the current directory."""
 
@@ -37,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exp", help="experiment folder written by preprocess.py (inference.exp_dir)")
     parser.add_argument("--gpus", help="GPU ids, one process each, e.g. 0,2 (default: inference.device, auto)")
     parser.add_argument("-s", "--seed", type=int, help="base seed (inference.seed, default 23)")
-    parser.add_argument("--steps", type=int, help="sampling steps (inference.ddim_steps)")
+    parser.add_argument("--steps", type=int, help="sampling steps (inference.steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta (inference.eta)")
     parser.add_argument("--guidance-scale", dest="guidance_scale", type=float,
                         help="classifier-free guidance scale (inference.guidance_scale; 1 = none)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), help="inference.sampler")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="inference.sampler (see docs/samplers.md)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="UNet autocast on CUDA")
     parser.add_argument("--vq-device", dest="vq_device", choices=("same", "neighbour", "cpu"),
                         help="where LINet runs the VQ (inference.vq_device)")
@@ -86,12 +87,14 @@ def main(argv: list[str] | None = None, after_stage=None, judge=None) -> int:
 def run(args: argparse.Namespace, overrides: list[str], after_stage=None, judge=None) -> int:
     """Run the parsed command line; returns the exit status."""
     from inference.runner import run_inference
+    from ldm.data import read_cache
 
     try:
         config = load_config([find_config(path) for path in args.base])
         config = OmegaConf.merge(config, parse_overrides(command_overrides(args) + overrides))
-        outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage,
-                                judge=judge)
+        with read_cache.enabled():  # preflight, the stage and the quality gate read the same files
+            outcome = run_inference(config, gpus=parse_gpus(args.gpus), debug=args.debug, after_stage=after_stage,
+                                    judge=judge)
     except LesionDiffusionError as error:
         if args.debug:
             raise

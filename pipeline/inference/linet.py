@@ -252,9 +252,8 @@ def linet_waves(model: InpaintingDiffusion, inputs: ImageInputs, components: Seq
 
     def sample(items: Sequence[ItemInputs]) -> list[torch.Tensor]:
         with autocast(model.device, precision):
-            return sample_items(model, items, steps=options.ddim_steps, eta=options.eta, sampler=options.sampler,
-                                guidance_scale=options.guidance_scale, blend=options.blend, use_ema=options.use_ema,
-                                progress=step_progress)
+            return sample_items(model, items, sampling=options.sampling, guidance_scale=options.guidance_scale,
+                                blend=options.blend, use_ema=options.use_ema, progress=step_progress)
 
     return BoxWaves(len(components), options.batch_size, independent, crop,
                     lambda rank, image: lesion_item(model, setup(rank), image, case_index, options), sample), setup

@@ -128,9 +128,8 @@ def _sampler(model: MaskDiffusion, options: InferenceOptions, precision: torch.d
              step_progress: bool) -> Callable[[Sequence[ItemInputs]], list[torch.Tensor]]:
     def sample(items: Sequence[ItemInputs]) -> list[torch.Tensor]:
         with autocast(model.device, precision):
-            return sample_items(model, items, steps=options.ddim_steps, eta=options.eta, sampler=options.sampler,
-                                guidance_scale=options.guidance_scale, use_ema=options.use_ema,
-                                progress=step_progress)
+            return sample_items(model, items, sampling=options.sampling, guidance_scale=options.guidance_scale,
+                                use_ema=options.use_ema, progress=step_progress)
 
     return sample
 

@@ -1,12 +1,14 @@
 """The ``inference:`` block of a test config, parsed and checked once into :class:`InferenceOptions`.
 
 Every key has a default here, so a test config states only what differs. Unknown keys are errors (a typo such as
-``ddim_step`` would otherwise be ignored silently). Paths: ``exp_dir`` from a YAML file resolves against
+``guidance_scal`` would otherwise be ignored silently); ``ddim_steps``, the old name of ``steps``, is still read, with
+a warning. Paths: ``exp_dir`` from a YAML file resolves against
 ``pipeline/``, from the command line against the current directory (``ldm.util``); the entries of ``lists`` are
 file names inside ``exp_dir``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,9 +16,9 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.errors import ConfigError
+from ldm.models.diffusion.samplers import SAMPLERS, SamplerSettings
 
 STAGES = ("lmnet", "linet")
-SAMPLERS = ("ddim", "ddpm")
 PRECISIONS = ("fp32", "bf16", "fp16")
 VQ_DEVICES = ("same", "neighbour", "cpu")
 VQ_TILING = ("auto", "always", "never")
@@ -44,10 +46,13 @@ class InferenceOptions:
     max_mask_num: int = 3
     min_component_voxels: int = 50
     crop_size: tuple[int, int, int] = (64, 152, 152)
-    ddim_steps: int = 200
-    eta: float = 1.0
-    guidance_scale: float = 1.0
+    # Sampling: a sampler of ``ldm.models.diffusion.samplers.SAMPLERS``, its steps, DDIM's eta and the timestep
+    # spacing (``auto``: the sampler's own default); :attr:`sampling` gathers them.
     sampler: str = "ddim"
+    steps: int = 200
+    eta: float = 1.0
+    timestep_spacing: str = "auto"
+    guidance_scale: float = 1.0
     seed: int = 23
     use_ema: bool = True
     precision: str = "fp32"
@@ -86,6 +91,12 @@ class InferenceOptions:
     # that fails the gate's checks of its stage.
     candidates: int = 1
     resample_failed: int = 0
+
+    @property
+    def sampling(self) -> SamplerSettings:
+        """The sampler settings of these options, as the models' ``sample`` takes them."""
+        spacing = None if self.timestep_spacing == "auto" else self.timestep_spacing
+        return SamplerSettings(self.sampler, self.steps, self.eta, spacing)
 
     def with_overrides(self, **values: Any) -> "InferenceOptions":
         """A copy with some settings replaced (``None`` values are ignored), checked again."""
@@ -126,11 +137,11 @@ def _check_training_spacing(options: InferenceOptions) -> InferenceOptions:
 
 def check(options: InferenceOptions) -> InferenceOptions:
     """Validate every setting; returns ``options`` or raises a ConfigError naming the key."""
-    for key, allowed in (("stage", STAGES), ("sampler", SAMPLERS), ("precision", PRECISIONS),
+    for key, allowed in (("stage", STAGES), ("sampler", tuple(SAMPLERS)), ("precision", PRECISIONS),
                          ("vq_device", VQ_DEVICES), ("vq_tiling", VQ_TILING), ("fill_target", FILL_TARGETS),
                          ("blend", BLENDS), ("seg_version", ("v1", "v2"))):
         _choice(options, key, allowed)
-    for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
+    for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("steps", 1), ("attempts", 1),
                          ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1),
                          ("candidates", 1), ("resample_failed", 0)):
         _at_least(options, key, minimum, int)
@@ -145,6 +156,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
         raise _fail("crop_size", f"must be three positive integers (z, y, x), got {list(options.crop_size)}")
     if not options.thresholds or any(not 0.0 < t < 1.0 for t in options.thresholds):
         raise _fail("thresholds", f"must be a non-empty list of numbers in (0, 1), got {list(options.thresholds)}")
+    _choice(options, "timestep_spacing", ("auto", *SAMPLERS[options.sampler].spacings))
     options = _check_training_spacing(options)
     if options.vq_tile_overlap >= options.vq_tile:
         raise _fail("vq_tile_overlap", f"{options.vq_tile_overlap} must be smaller than vq_tile {options.vq_tile}")
@@ -170,6 +182,11 @@ def _plain(block: Any) -> dict[str, Any]:
 def parse_options(block: Any, stage: str) -> InferenceOptions:
     """:class:`InferenceOptions` for ``stage`` (``lmnet``/``linet``) from the ``inference:`` mapping of a config."""
     values = _plain(block)
+    if "ddim_steps" in values:
+        old = values.pop("ddim_steps")
+        warnings.warn(f"inference.ddim_steps is deprecated, use inference.steps (ddim_steps={old} used)",
+                      FutureWarning, stacklevel=2)
+        values["steps"] = old
     known = {item.name for item in fields(InferenceOptions)}
     unknown = sorted(set(values) - known)
     if unknown:

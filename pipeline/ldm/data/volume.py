@@ -19,6 +19,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
+from ldm.data.read_cache import file_cached
 from ldm.errors import DataError
 from ldm.fileio import atomic_path
 
@@ -120,8 +121,10 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
     return _geometry(_load(path), path)
 
 
+@file_cached
 def read_volume(path: str | os.PathLike, dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, Geometry]:
-    """Read a NIfTI file; returns the canonical ``(z, y, x)`` array (``dtype``, scaled values) and its Geometry."""
+    """Read a NIfTI file; returns the canonical ``(z, y, x)`` array (``dtype``, scaled values) and its Geometry
+    (decoded once per file version and dtype in a process: :mod:`ldm.data.read_cache`)."""
     image = _load(path)
     geometry = _geometry(image, path)
     try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ldm.models.checkpoint import load_checkpoint
-from ldm.models.diffusion.samplers import make_sampler, sample_loop
+from ldm.models.diffusion.samplers import SamplerSettings, make_sampler, sample_loop
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
@@ -212,15 +212,17 @@ class DDPM(pl.LightningModule):
         finally:
             self.model_ema.restore(parameters)
 
-    def run_sampler(self, denoise, shape, steps: int = 50, eta: float = 1.0, sampler: str = "ddim",
+    def run_sampler(self, denoise, shape, sampling: SamplerSettings | None = None,
                     generator: torch.Generator | None = None, known: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None, blend: str = "clean", use_ema: bool = True,
                     progress: bool = False) -> torch.Tensor:
-        """Run a named sampler (``ddim``/``ddpm``) with this model's schedule; EMA weights by default."""
-        scheduler = make_sampler(sampler, self.alphas_cumprod, eta=eta)
+        """Run the sampler of ``sampling`` (default: DDIM, 50 steps, eta 1) with this model's schedule; EMA
+        weights by default."""
+        sampling = sampling or SamplerSettings()
+        scheduler = make_sampler(sampling, self.alphas_cumprod)
         with self.ema_scope(use_ema):
-            return sample_loop(scheduler, denoise, tuple(shape), steps, generator=generator, device=self.device,
-                               known=known, mask=mask, blend=blend, progress=progress)
+            return sample_loop(scheduler, denoise, tuple(shape), sampling.steps, generator=generator,
+                               device=self.device, known=known, mask=mask, blend=blend, progress=progress)
 
     # -------------------------------------------------------------------------------- subclass interface
     def get_input(self, batch: dict) -> dict:

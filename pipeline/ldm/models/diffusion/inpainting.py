@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ldm.models.diffusion.ddpm import DDPM, freeze
 from ldm.models.diffusion.masks import filled_bbox
+from ldm.models.diffusion.samplers import SamplerSettings
 from ldm.util import instantiate_from_config
 
 
@@ -81,7 +82,7 @@ class InpaintingDiffusion(DDPM):
 
     @torch.no_grad()
     def sample(self, latent: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None = None,
-               steps: int = 50, eta: float = 1.0, sampler: str = "ddim", generator: torch.Generator | None = None,
+               sampling: SamplerSettings | None = None, generator: torch.Generator | None = None,
                guidance_scale: float = 1.0, blend: str = "clean", use_ema: bool = True,
                progress: bool = False) -> torch.Tensor:
         """Inpaint the ``mask`` = 1 region of ``latent`` (``[B, C, d, h, w]``); returns the new latent, equal to
@@ -91,7 +92,7 @@ class InpaintingDiffusion(DDPM):
             context = context.to(self.device)
         channels = latent.shape[1]
         denoise = self.guided(lambda x, t, c: self.predict(x, mask, t, c)[:, :channels], context, guidance_scale)
-        return self.run_sampler(denoise, latent.shape, steps=steps, eta=eta, sampler=sampler, generator=generator,
+        return self.run_sampler(denoise, latent.shape, sampling, generator=generator,
                                 known=latent, mask=mask, blend=blend, use_ema=use_ema, progress=progress)
 
     @torch.no_grad()
@@ -105,7 +106,8 @@ class InpaintingDiffusion(DDPM):
         image = image if image.ndim == 5 else image.unsqueeze(1)
         label = batch[self.label_key].to(self.device)
         lesion = ((label if label.ndim == 5 else label.unsqueeze(1)) == self.lesion_value).float()
-        latent = self.sample(inputs["x_start"], inputs["mask"], inputs["context"], steps=steps, generator=generator)
+        latent = self.sample(inputs["x_start"], inputs["mask"], inputs["context"], SamplerSettings(steps=steps),
+                             generator=generator)
         decoded = self.decode(latent)[(Ellipsis, *(slice(0, size) for size in image.shape[2:]))]
         volumes = {"input": image, "condition": image * (1 - lesion), "sample": decoded.clamp(0, 1), "mask": lesion}
         return {name: volume.float().cpu() for name, volume in volumes.items()}

@@ -6,6 +6,7 @@ import torch
 
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.masks import filled_bbox
+from ldm.models.diffusion.samplers import SamplerSettings
 
 
 class MaskDiffusion(DDPM):
@@ -53,8 +54,8 @@ class MaskDiffusion(DDPM):
         return loss, {"loss_simple": per_sample.mean().detach(), "loss": loss.detach()}
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, context: torch.Tensor | None = None, steps: int = 50, eta: float = 1.0,
-               sampler: str = "ddim", generator: torch.Generator | None = None, guidance_scale: float = 1.0,
+    def sample(self, cond: torch.Tensor, context: torch.Tensor | None = None, sampling: SamplerSettings | None = None,
+               generator: torch.Generator | None = None, guidance_scale: float = 1.0,
                use_ema: bool = True, progress: bool = False) -> torch.Tensor:
         """Sample lesion masks ``[B, 1, D, H, W]`` (continuous, about [0, 1]; threshold them) for the conditioning
         volume ``cond`` (``[B, 3, D, H, W]``, see :meth:`condition_volume`) and attribute ``context``."""
@@ -63,7 +64,7 @@ class MaskDiffusion(DDPM):
             context = context.to(self.device)
         denoise = self.guided(lambda x, t, c: self.predict_noise(x, t, cond, c), context, guidance_scale)
         shape = (cond.shape[0], self.channels, *cond.shape[2:])
-        return self.run_sampler(denoise, shape, steps=steps, eta=eta, sampler=sampler, generator=generator,
+        return self.run_sampler(denoise, shape, sampling, generator=generator,
                                 use_ema=use_ema, progress=progress)
 
     @torch.no_grad()
@@ -73,7 +74,7 @@ class MaskDiffusion(DDPM):
         ``condition`` (the organ mask), ``sample`` (a mask sampled with ``steps`` DDIM steps, values about [0, 1])
         and ``mask`` (the lesion box the sample is conditioned on)."""
         inputs = self.get_input(batch)
-        sample = self.sample(inputs["cond"], inputs["context"], steps=steps, generator=generator)
+        sample = self.sample(inputs["cond"], inputs["context"], SamplerSettings(steps=steps), generator=generator)
         volumes = {"input": inputs["x_start"], "condition": inputs["cond"][:, 1:2], "sample": sample,
                    "mask": inputs["bbox"]}
         return {name: volume.float().cpu() for name, volume in volumes.items()}
