@@ -36,6 +36,8 @@ from ldm.errors import LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path  # noqa: E402
 
 STAGES = ("vq", "lmnet", "linet")  # LINet's first stage is the VQ: it must come after it
+DEFAULT_STEPS = {"vq": 300, "lmnet": 600, "linet": 800}
+TRAINING_CASES = 48  # attribute phantoms (make_phantoms lesions="attributes"): the last quarter is validation
 
 
 def train_stage(stage: str, steps: int, checkpoints: Path, logs: Path, retrain: bool) -> Path:
@@ -63,7 +65,7 @@ def train_stage(stage: str, steps: int, checkpoints: Path, logs: Path, retrain: 
 
 
 def run(args: argparse.Namespace) -> int:
-    make_phantoms(DEMO_DIR / "data", n=8, seed=0)
+    make_phantoms(DEMO_DIR / "data", n=TRAINING_CASES, seed=0, lesions="attributes")
     checkpoints, logs = DEMO_DIR / "checkpoints", DEMO_DIR / "logs"
     steps = {"vq": args.steps_vq, "lmnet": args.steps_lmnet, "linet": args.steps_linet}
     for stage in STAGES:
@@ -122,9 +124,9 @@ def show_round_trip(healthy: Path, outputs: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps-vq", type=int, default=200, help="VQ training steps")
-    parser.add_argument("--steps-lmnet", type=int, default=300, help="LMNet training steps")
-    parser.add_argument("--steps-linet", type=int, default=400, help="LINet training steps")
+    parser.add_argument("--steps-vq", type=int, default=DEFAULT_STEPS["vq"], help="VQ training steps")
+    parser.add_argument("--steps-lmnet", type=int, default=DEFAULT_STEPS["lmnet"], help="LMNet training steps")
+    parser.add_argument("--steps-linet", type=int, default=DEFAULT_STEPS["linet"], help="LINet training steps")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the synthesis")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even when checkpoints exist")
