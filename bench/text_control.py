@@ -4,13 +4,14 @@
 
 1. trains the demo models (``configs/demo/{vq,lmnet,linet}.yaml`` on the attribute phantoms of ``make demo``,
    :func:`demo.run_demo.train_stage`) unless ``demo/checkpoints`` holds them;
-2. writes held-out attribute phantoms (another seed, never trained on) and takes, in case order, just enough of
-   them that every requested phrase (3 densities; round / irregular; sharp / fading margin; homogeneous /
+2. renders held-out attribute phantoms (another seed, never trained on) in case order until
+   every requested phrase (3 densities; round / irregular; sharp / fading margin; homogeneous /
    heterogeneous) occurs at least ``--per-phrase`` times. Each case's report (written from its construction) is the
    request; its lesion's box, on its healthy CT, is where the lesion is asked for;
 3. per lesion and candidate: LMNet samples a mask in the box with the report's LMNet text, LINet inpaints it into
    the healthy CT with the LINet text (the crops, thresholds, latent mask and paste of ``synthesize.py``), and
-   :func:`describe_lesion` measures it;
+   :func:`demo.fidelity.describe_lesion` measures it (today's ``preparation`` measurement; the one line to change
+   when the lesion description module of "Text control you can measure" lands);
 4. prints per attribute the agreement of the measured phrase with the requested one for K = 1 (the first
    candidate), with the requests shuffled among the lesions (the chance level of a model that ignores the text)
    and for best of K (the candidate agreeing with most requested attributes; ties: smallest HU error, then the
@@ -32,7 +33,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "pipeline"), str(ROOT)]
 
-from demo.make_phantoms import make_phantoms  # noqa: E402
+from demo.fidelity import describe_lesion, phrase_class  # noqa: E402
+from demo.make_phantoms import ORIENTATIONS, make_phantoms, render_case  # noqa: E402
 from demo.run_demo import DEMO_DIR, STAGES, train_stage  # noqa: E402
 from inference.linet import latent_mask  # noqa: E402
 from inference.options import DEFAULT_THRESHOLDS  # noqa: E402
@@ -43,10 +45,8 @@ from ldm.data.attributes import lmnet_attributes, linet_attributes, report_attri
 from ldm.data.crops import bbox_center, mask_bbox, paste_crop, plan_crop, take_crop  # noqa: E402
 from ldm.data.intensity import AIR_HU, hu_to_unit, unit_to_hu  # noqa: E402
 from ldm.data.organs import NUM_V1_CLASSES, organ_id  # noqa: E402
-from ldm.data.volume import read_volume  # noqa: E402
+from ldm.data.synthetic_geometry import geometry_for  # noqa: E402
 from ldm.util import PIPELINE_DIR, load_config  # noqa: E402
-from preparation.measure import measure_lesion  # noqa: E402
-from preparation.phrases import ISO_BAND_HU, measured_phrases  # noqa: E402
 from quality.tolerances import Tolerances  # noqa: E402
 
 HELDOUT_SEED = 1000
@@ -55,42 +55,12 @@ CROP = (16, 32, 32)  # the training crop of the demo LMNet and LINet
 RIM_MM = 2.0
 ATTRIBUTES = ("density", "shape", "surface characteristics", "density variations", "size")
 TARGETS = {"density": 0.9, "size": 0.9, "shape": 0.7, "surface characteristics": 0.7, "density variations": 0.7}
-DESCRIPTION = json.loads((PIPELINE_DIR / "description.json").read_text())
-
-
-def describe_lesion(ct: np.ndarray, lesion: np.ndarray, seg: np.ndarray, organ: int, spacing) -> tuple[dict, object]:
-    """The report phrases the scan supports for ``lesion`` (bool, ``(z, y, x)`` like ``ct`` in HU and the v1
-    ``seg``) and the measurements behind them. The one place the bench measures: today's preparation code, to be
-    replaced by the lesion description module of "Text control you can measure" when it lands."""
-    measurement = measure_lesion(ct, lesion, lesion, seg == organ, seg, organ, spacing, ISO_BAND_HU)
-    return measured_phrases(measurement, organ).values, measurement
-
-
-def _group(attribute: str, phrase: str) -> int | None:
-    first = phrase.split(",")[0].strip().lower()
-    for index, synonyms in enumerate(DESCRIPTION[attribute]):
-        if first in (s.split(",")[0].strip().lower() for s in synonyms):
-            return index
-    return None
-
-
-def phrase_class(attribute: str, phrase: str) -> str:
-    """The class a phrase stands for: hypo / iso / hyper / mixed, round / irregular / nodular, sharp / fading,
-    homogeneous / heterogeneous (synonyms and the fluid-like and cystic variants folded in)."""
-    group = _group(attribute, phrase)
-    classes = {"density": {0: "hypo", 4: "hypo", 1: "iso", 2: "hyper", 3: "mixed"},
-               "shape": {0: "round", 4: "round", 1: "irregular", 3: "nodular"},
-               "surface characteristics": {0: "sharp", 1: "sharp", 2: "sharp", 3: "fading", 4: "fading", 5: "fading",
-                                           6: "fading"},
-               "density variations": {0: "homogeneous", 1: "heterogeneous"}}
-    return classes[attribute].get(group, phrase.strip(" ,"))
 
 
 @dataclass
 class Request:
     """One held-out lesion to synthesise: where (healthy CT, box) and what (the report of its construction)."""
 
-    case: str
     healthy: np.ndarray
     seg: np.ndarray
     box: np.ndarray
@@ -101,36 +71,35 @@ class Request:
     spacing: tuple[float, ...]
 
 
-def read_request(folder: Path) -> Request:
-    healthy, geometry = read_volume(folder / "healthy.nii.gz")
-    seg, _ = read_volume(folder / "seg.nii.gz")
-    label, _ = read_volume(folder / "label.nii.gz")
+def make_request(case: dict, geometry) -> Request:
+    """The request of one rendered held-out phantom (:func:`demo.make_phantoms.render_case`)."""
     key = str(organ_id("liver"))
-    attributes = report_attributes(json.loads((folder / "type.json").read_text()), key)
-    box = np.zeros(label.shape, dtype=bool)
-    bbox = mask_bbox(label == 2)
+    attributes = report_attributes(case["report"], key)
+    box = np.zeros(case["label"].shape, dtype=bool)
+    bbox = mask_bbox(case["label"] == 2)
     box[bbox] = True
     classes = {name: phrase_class(name, attributes[name]) for name in ATTRIBUTES if name != "size"}
     ct_value = float(linet_attributes(attributes, key)["CT value"].split()[0])
-    return Request(folder.name, healthy.astype(np.float32), seg.astype(np.int16), box,
+    return Request(case["healthy"].astype(np.float32), case["seg"].astype(np.int16), box,
                    tuple(s.stop - s.start for s in bbox), attributes, classes, ct_value, geometry.spacing_zyx)
 
 
-def heldout_requests(out: Path, per_phrase: int) -> list[Request]:
-    """The shortest prefix of the held-out phantoms in which every requested phrase occurs ``per_phrase`` times."""
-    made = make_phantoms(out / "heldout", n=POOL, seed=HELDOUT_SEED, lesions="attributes", progress=True)
-    folders = [Path(made["out_dir"]) / entry["case"] for entry in made["manifest"]["cases"]]
+def heldout_requests(per_phrase: int) -> list[Request]:
+    """Held-out attribute phantoms (seed :data:`HELDOUT_SEED`, the demo's grid), rendered in case order until
+    every requested phrase occurs ``per_phrase`` times."""
+    geometry = geometry_for((48, 96, 96), (2.0, 2.0, 2.0), ORIENTATIONS["LPS"])
     wanted = {("density", c) for c in ("hypo", "iso", "hyper")} | {("shape", c) for c in ("round", "irregular")} | {
         ("surface characteristics", c) for c in ("sharp", "fading")} | {
         ("density variations", c) for c in ("homogeneous", "heterogeneous")}
     requests, counts = [], {}
-    for folder in folders:
-        request = read_request(folder)
-        requests.append(request)
-        for item in request.classes.items():
-            counts[item] = counts.get(item, 0) + 1
-        if all(counts.get(item, 0) >= per_phrase for item in wanted):
-            return requests
+    with tqdm(desc="held-out phantoms", unit="case") as bar:
+        for index in range(POOL):
+            requests.append(make_request(render_case(HELDOUT_SEED, index, geometry, "attributes"), geometry))
+            bar.update()
+            for item in requests[-1].classes.items():
+                counts[item] = counts.get(item, 0) + 1
+            if all(counts.get(item, 0) >= per_phrase for item in wanted):
+                return requests
     raise SystemExit(f"{POOL} held-out phantoms hold fewer than {per_phrase} lesions of some phrase: {counts}")
 
 
@@ -197,7 +166,7 @@ def inpaint(linet, requests: list[Request], masks: list[np.ndarray], candidate: 
     return results
 
 
-def judge(request: Request, volume: np.ndarray | None, mask: np.ndarray) -> dict:
+def measure_result(request: Request, volume: np.ndarray | None, mask: np.ndarray) -> dict:
     """Measured class per attribute (None = not judged), the size check and the HU error of one lesion."""
     if volume is None:
         return {"classes": {}, "size_ok": False, "hu_error": float("inf"), "size_vox": None}
@@ -296,13 +265,13 @@ def run(args: argparse.Namespace) -> dict:
     lmnet, linet = load("configs/demo/lmnet_test.yaml", checkpoints["lmnet"]), load("configs/demo/linet_test.yaml",
                                                                                     checkpoints["linet"])
     out = Path(args.out).resolve()
-    requests = heldout_requests(out, args.per_phrase)
+    requests = heldout_requests(args.per_phrase)
     print(f"[bench] {len(requests)} held-out lesions, {args.candidates} candidate(s) each", flush=True)
     judged, volumes, masks = [], [], []
     for candidate in tqdm(range(args.candidates), desc="candidates", unit="K"):
         masks_k = sample_masks(lmnet, requests, candidate, args.seed, args.steps, args.batch)
         volumes_k = inpaint(linet, requests, masks_k, candidate, args.seed, args.steps, args.batch)
-        judged.append([judge(r, v, m) for r, v, m in zip(requests, volumes_k, masks_k)])
+        judged.append([measure_result(r, v, m) for r, v, m in zip(requests, volumes_k, masks_k)])
         volumes.append(volumes_k)
         masks.append(masks_k)
     first = judged[0]

@@ -121,7 +121,8 @@ def test_a_tiny_linet_trained_on_two_texts_inpaints_two_different_lesions():
         latents = {name: model.encode(image) for name, image in images.items()}
         mask = model.latent_mask(label, latents["hypo"].shape)
         inside = mask[0, 0].bool()
-        background = latents["hypo"] * (1 - mask)  # the organ around the lesion, lesion region to inpaint
+        mask = mask.repeat(4, 1, 1, 1, 1)  # four samples per text
+        background = latents["hypo"].repeat(4, 1, 1, 1, 1) * (1 - mask)  # the organ; the lesion is inpainted
         for name, text in TEXTS.items():
             sampled = model.sample(background, mask, model.encode_context([text] * 4), steps=20,
                                    generator=torch.Generator().manual_seed(1))
