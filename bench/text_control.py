@@ -62,6 +62,7 @@ class Request:
     """One held-out lesion to synthesise: where (healthy CT, box) and what (the report of its construction)."""
 
     healthy: np.ndarray
+    image: np.ndarray
     seg: np.ndarray
     box: np.ndarray
     size_vox: tuple[int, ...]
@@ -80,7 +81,7 @@ def make_request(case: dict, geometry) -> Request:
     box[bbox] = True
     classes = {name: phrase_class(name, attributes[name]) for name in ATTRIBUTES if name != "size"}
     ct_value = float(linet_attributes(attributes, key)["CT value"].split()[0])
-    return Request(case["healthy"].astype(np.float32), case["seg"].astype(np.int16), box,
+    return Request(case["healthy"].astype(np.float32), case["image"].astype(np.float32), case["seg"].astype(np.int16), box,
                    tuple(s.stop - s.start for s in bbox), attributes, classes, ct_value, geometry.spacing_zyx)
 
 
@@ -164,6 +165,25 @@ def inpaint(linet, requests: list[Request], masks: list[np.ndarray], candidate: 
             paste_generated(volume, decoded[row], lesions[row], windows[row], RIM_MM, requests[index].spacing)
             results[index] = volume
     return results
+
+
+@torch.no_grad()
+def first_stage_contrast(linet, requests: list[Request]) -> dict:
+    """How much of each held-out lesion's contrast with the liver survives the VQ's encode-decode (what LINet's
+    output goes through): median of (decoded - organ) / (drawn - organ) over the lesion, hypo and hyper lesions."""
+    ratios = []
+    for request in requests:
+        if request.classes["density"] == "iso":
+            continue
+        lesion = np.zeros(request.box.shape, dtype=bool)
+        window = plan_crop(lesion.shape, CROP, bbox_center(request.box))
+        drawn = take_crop(request.image, window, fill=AIR_HU)
+        inside = take_crop(request.image != request.healthy, window, fill=False) & take_crop(request.box, window, False)
+        organ = take_crop(request.seg == organ_id("liver"), window, fill=False) & ~take_crop(request.box, window, False)
+        decoded = unit_to_hu(linet.decode(linet.encode(torch.from_numpy(hu_to_unit(drawn))[None, None]))[0, 0].numpy())
+        reference = float(np.median(drawn[organ]))
+        ratios.append((float(decoded[inside].mean()) - reference) / (float(drawn[inside].mean()) - reference))
+    return {"lesions": len(ratios), "median_contrast_kept": round(float(np.median(ratios)), 2)}
 
 
 def measure_result(request: Request, volume: np.ndarray | None, mask: np.ndarray) -> dict:
@@ -287,6 +307,7 @@ def run(args: argparse.Namespace) -> dict:
         "requested": {name: {c: sum(r.classes[name] == c for r in requests) for c in sorted({r.classes[name]
                                                                                               for r in requests})}
                       for name in requests[0].classes},
+        "first_stage": first_stage_contrast(linet, requests),
         "seconds": round(time.perf_counter() - start, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +329,8 @@ def print_table(result: dict) -> None:
               f"{100 * TARGETS[name]:5.0f}%")
     print(f"median |HU - requested CT value|: K=1 {result['hu_error_median']['k1']} HU, {best.upper()} "
           f"{result['hu_error_median'][best]} HU; {result['lesions']} lesions, {result['seconds']:.0f} s")
+    print(f"VQ encode-decode keeps {100 * result['first_stage']['median_contrast_kept']:.0f} % of a held-out lesion's "
+          f"contrast with the liver (median of {result['first_stage']['lesions']} hypo- and hyperdense lesions)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The CPU demo behind ``make demo``: phantoms -> tiny VQ, LMNet, LINet -> lesions in a held-out healthy phantom.
 
-    python demo/run_demo.py [--steps-vq 200 --steps-lmnet 400 --steps-linet 1500] [--retrain]
+    python demo/run_demo.py [--steps-vq 600 --steps-lmnet 400 --steps-linet 1000] [--retrain]
 
 1. builds the phantom data set in ``demo/data`` (seconds; reused when present);
 2. trains the three tiny demo models with ``pipeline/main.py`` into ``demo/logs`` and copies each ``last.ckpt``
@@ -36,7 +36,7 @@ from ldm.errors import LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path  # noqa: E402
 
 STAGES = ("vq", "lmnet", "linet")  # LINet's first stage is the VQ: it must come after it
-DEFAULT_STEPS = {"vq": 200, "lmnet": 400, "linet": 1500}
+DEFAULT_STEPS = {"vq": 600, "lmnet": 400, "linet": 1000}
 TRAINING_CASES = 48  # attribute phantoms (make_phantoms lesions="attributes"): the last quarter is validation
 
 
