@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT / "pipeline"), str(ROOT)]
 
 from demo.fidelity import describe_lesion, phrase_class  # noqa: E402
 from demo.make_phantoms import ORIENTATIONS, make_phantoms, render_case  # noqa: E402
-from demo.run_demo import DEMO_DIR, STAGES, train_stage  # noqa: E402
+from demo.run_demo import DEFAULT_STEPS, DEMO_DIR, STAGES, TRAINING_CASES, train_stage  # noqa: E402
 from inference.linet import latent_mask  # noqa: E402
 from inference.options import DEFAULT_THRESHOLDS  # noqa: E402
 from inference.paste import paste_generated  # noqa: E402
@@ -267,10 +267,8 @@ def write_preview(path: Path, requests: list[Request], volumes: list, masks: lis
 
 def ensure_models(retrain: bool) -> dict[str, Path]:
     """The demo checkpoints, trained with the demo's step counts when missing (or ``retrain``)."""
-    from demo.run_demo import DEFAULT_STEPS
-
     checkpoints, logs = DEMO_DIR / "checkpoints", DEMO_DIR / "logs"
-    make_phantoms(DEMO_DIR / "data", n=48, seed=0, lesions="attributes")
+    make_phantoms(DEMO_DIR / "data", n=TRAINING_CASES, seed=0, lesions="attributes")
     return {stage: train_stage(stage, DEFAULT_STEPS[stage], checkpoints, logs, retrain) for stage in STAGES}
 
 
