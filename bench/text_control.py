@@ -81,7 +81,8 @@ def make_request(case: dict, geometry) -> Request:
     box[bbox] = True
     classes = {name: phrase_class(name, attributes[name]) for name in ATTRIBUTES if name != "size"}
     ct_value = float(linet_attributes(attributes, key)["CT value"].split()[0])
-    return Request(case["healthy"].astype(np.float32), case["image"].astype(np.float32), case["seg"].astype(np.int16), box,
+    return Request(case["healthy"].astype(np.float32), case["image"].astype(np.float32),
+                   case["seg"].astype(np.int16), box,
                    tuple(s.stop - s.start for s in bbox), attributes, classes, ct_value, geometry.spacing_zyx)
 
 

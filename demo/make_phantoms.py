@@ -348,8 +348,9 @@ def _report(rng, lesion: Lesion, image: np.ndarray, seg: np.ndarray, geometry: G
 
 
 def render_case(seed: int, index: int, geometry: Geometry, lesions: str = "mixed") -> dict:
-    """Draw case ``index`` of dataset ``seed`` (``lesions``: one of :data:`LESION_SETS`); returns the ``(z, y, x)`` arrays ``image``/``healthy`` (int16 HU),
-    ``label``/``seg`` (uint8), the ``report`` dict and the manifest ``entry``."""
+    """Draw case ``index`` of dataset ``seed`` (``lesions``: one of :data:`LESION_SETS`); returns the ``(z, y, x)``
+    arrays ``image``/``healthy`` (int16 HU), ``label``/``seg`` (uint8), the ``report`` dict and the manifest
+    ``entry``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     grid = Grid(geometry.shape_zyx, geometry.spacing_zyx)
     clean, seg = _draw_anatomy(rng, grid)
@@ -422,9 +423,10 @@ def make_phantoms(out_dir, n: int = 8, seed: int = 0, shape=(48, 96, 96), spacin
 
     ``shape``: ``(z, y, x)`` voxels; ``spacing``: mm, one number or ``(z, y, x)``; ``orientation``: ``"LPS"``
     (as the upstream demo) or ``"RAS"``; ``progress``: show a progress bar on stderr; ``lesions``: ``"mixed"`` (the
-    lesion kinds of :data:`LESION_KINDS` in turn) or ``"attributes"`` (liver lesions with independent attributes). A complete dataset with the
-    same parameters is left as it is; other contents raise DataError unless ``overwrite``. Returns ``{"out_dir", "lists": {name: path}, "manifest_path",
-    "manifest", "generated"}`` (``generated`` is False when nothing had to be written).
+    lesion kinds of :data:`LESION_KINDS` in turn) or ``"attributes"`` (liver lesions with independent attributes).
+    A complete dataset with the same parameters is left as it is; other contents raise DataError unless
+    ``overwrite``. Returns ``{"out_dir", "lists": {name: path}, "manifest_path", "manifest", "generated"}``
+    (``generated`` is False when nothing had to be written).
     """
     parameters = _parameters(n, seed, shape, spacing, orientation, lesions)
     out = Path(out_dir).expanduser().resolve()
