@@ -7,6 +7,15 @@ list files ``{train,val}_{image,label,type,seg,coarseg}_list.txt`` (entries rela
 ``healthy_list.txt`` (healthy CTs of the val cases) and the manifest ``phantoms.json``.
 
     python demo/make_phantoms.py --out demo/data --n 8 --seed 0 [--shape Z Y X] [--spacing S] [--overwrite]
+        [--lesions mixed|attributes]
+
+``--lesions mixed`` (default): the lesion kinds of :data:`LESION_KINDS` take turns (cysts, tumours, kidney, spleen
+and bladder lesions). ``--lesions attributes``: one liver lesion per case whose attributes are drawn at random and
+independently (the data set that shows whether a model obeys the text): density hypo / iso / hyper against the
+liver (:data:`ATTRIBUTE_OFFSET_HU`), shape round or lobulated, margin sharp or fading, density variations
+homogeneous or two-part (:data:`TWO_PART_HU`; iso lesions are homogeneous: in two parts they would be
+mixed-density), and size (:data:`ATTRIBUTE_RADIUS_MM`). The report is written from the construction in the
+``type.json`` vocabulary; the manifest entry names the drawn density class.
 
 Case ``i`` depends only on ``(seed, i)`` and the grid, so the same seed gives identical arrays. Arrays are drawn
 in the canonical ``(z, y, x)`` LAS frame of :mod:`ldm.data.volume` and written in the requested orientation (LPS
@@ -39,6 +48,7 @@ from ldm.data.volume import Geometry, write_volume  # noqa: E402
 from ldm.fileio import write_text_atomic  # noqa: E402
 from ldm.util import PIPELINE_DIR  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
+from preparation.phrases import FLUID_HU  # noqa: E402
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "phantoms.json"
@@ -62,6 +72,17 @@ LESION_KINDS = (("liver", "cyst"), ("liver", "tumour"), ("kidney", "lesion"), ("
 HU_THRESHOLD_DENSITY = 10.0  # |lesion - organ| mean HU below this is "isodense"
 CLOSE_TO_OTHER_ORGAN_MM = 5.0
 CAVITY = {"solid": "within the parenchymal organ,", "hollow": "wall thickening,"}
+# Attribute phantoms (lesions="attributes"): every lesion in the liver, each attribute drawn on its own.
+LESION_SETS = ("mixed", "attributes")
+FOCAL_LESION = "focal lesion"
+DENSITIES = ("hypo", "iso", "hyper")
+ATTRIBUTE_OFFSET_HU = {"hypo": (-60.0, -35.0), "iso": (-3.0, 3.0), "hyper": (35.0, 60.0)}
+ATTRIBUTE_RADIUS_MM = (6.0, 9.0)  # a round lesion's radius; lobulated ones reach LOBE_REACH x that (< 16 voxels)
+LOBES, LOBE_OFFSET, LOBE_RADIUS = 4, 1.0, 0.6  # lobe centres this far out, lobe and core radius, x the radius
+LOBE_REACH = LOBE_OFFSET + LOBE_RADIUS
+FADING_HALO_GAIN = 3.0  # a fading margin that the measurement calls ill-defined with room to spare
+TWO_PART_HU = (20.0, 25.0)  # each half this far from the lesion's mean: clearly beyond the noise (10-15 HU)
+CYSTIC_SHAPE_PROBABILITY = 0.3  # a round fluid-like lesion is called "cystic" this often, as the offline reporter does
 
 
 @dataclass
@@ -148,16 +169,16 @@ def _draw_spine_and_aorta(rng, grid: Grid, rx: float, ry: float, body, hu: np.nd
     hu[aorta], seg[aorta] = rng.uniform(150.0, 170.0), organ_id("aorta")
 
 
-def _blend_weight(mask: np.ndarray, organ: np.ndarray, blurred: bool, spacing) -> np.ndarray:
+def _blend_weight(mask: np.ndarray, organ: np.ndarray, blurred: bool, spacing, halo_gain: float = 2.0) -> np.ndarray:
     """Weight of the lesion over the healthy CT: the mask itself (sharp) or a Gaussian-blurred mask kept to the
-    organ (ill-defined margin)."""
+    organ (ill-defined margin; ``halo_gain`` sets how much contrast the first voxels outside the mask keep)."""
     if not blurred:
         return mask.astype(np.float64)
     sigma_mm = 1.2 * float(np.mean(spacing))
     blurred_mask = ndimage.gaussian_filter(mask.astype(np.float64), sigma=[sigma_mm / s for s in spacing])
     # Full contrast inside the lesion, a halo fading over ~2 sigma outside it: the margin is ill-defined while the
     # lesion keeps the density it was drawn with.
-    halo = np.minimum(1.0, 2.0 * blurred_mask)
+    halo = np.minimum(1.0, halo_gain * blurred_mask)
     halo[halo < 0.02] = 0.0  # end the halo ~2.3 sigma out instead of at the filter's truncation radius
     return np.maximum(mask, halo) * organ
 
@@ -166,6 +187,42 @@ def _fitted_blob(rng, semi_mm, irregular: bool, max_reach_mm: float):
     """A random blob with ``semi_mm`` semi-axes, shrunk so that it reaches at most ``max_reach_mm`` from its centre."""
     blob = random_blob(rng, (0, 0, 0), semi_mm, irregularity=0.6 if irregular else 0.0, max_tilt_deg=45.0, lobes=6)
     return blob.scaled(min(1.0, 0.98 * max_reach_mm / blob.reach))
+
+
+def _random_centre(rng, grid: Grid, depth: np.ndarray, min_depth_mm: float) -> np.ndarray:
+    """A random voxel centre (mm) at least ``min_depth_mm`` inside the organ whose depth map is ``depth``."""
+    candidates = np.flatnonzero(depth >= min_depth_mm)
+    centre_index = np.unravel_index(candidates[int(rng.integers(candidates.size))], grid.shape)
+    return np.array([float(axis.ravel()[i]) for axis, i in zip(grid.coordinates(), centre_index)])
+
+
+def _attribute_lesion(rng, grid: Grid, organ: np.ndarray, organ_hu: float) -> Lesion:
+    """A liver lesion whose attributes are drawn independently (module docstring, ``lesions="attributes"``)."""
+    density = DENSITIES[int(rng.integers(len(DENSITIES)))]
+    irregular, blurred = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    two_part = density != "iso" and bool(rng.random() < 0.5)  # an iso lesion in two parts is mixed-density
+    target = organ_hu + rng.uniform(*ATTRIBUTE_OFFSET_HU[density])
+    depth = distance_inside(organ, grid.spacing)
+    margin = max(grid.spacing)
+    radius = min(rng.uniform(*ATTRIBUTE_RADIUS_MM), (depth.max() - margin) / LOBE_REACH)
+    centre = _random_centre(rng, grid, depth, radius * (LOBE_REACH if irregular else 1.0) + margin)
+    if irregular:  # lobulated: a cluster of balls around a smaller core, deep notches between them
+        mask = random_blob(rng, centre, np.full(3, LOBE_RADIUS * radius)).mask(grid)
+        for direction in rng.standard_normal((LOBES, 3)):
+            offset = LOBE_OFFSET * radius * direction / np.linalg.norm(direction)
+            mask |= random_blob(rng, centre + offset, np.full(3, LOBE_RADIUS * radius)).mask(grid)
+        mask = largest_component(mask & organ)
+    else:
+        mask = random_blob(rng, centre, radius * rng.uniform(0.85, 1.0, size=3), max_tilt_deg=45.0).mask(grid) & organ
+    values = np.full(grid.shape, target)
+    if two_part:
+        # Two halves either side of a random plane through the lesion's centroid, one brighter, one darker.
+        centroid = np.argwhere(mask).mean(axis=0)
+        axes = np.ogrid[tuple(slice(0, size) for size in grid.shape)]
+        side = sum(n * (axis - c) for n, axis, c in zip(rng.standard_normal(3), axes, centroid))
+        values = values + rng.uniform(*TWO_PART_HU) * np.where(side > 0, 1.0, -1.0)
+    weight = _blend_weight(mask, organ, blurred, grid.spacing, halo_gain=FADING_HALO_GAIN)
+    return Lesion("liver", FOCAL_LESION, mask, weight, values, irregular, blurred, two_part)
 
 
 def _solid_lesion(rng, grid: Grid, organ: np.ndarray, organ_name: str, kind: str, organ_hu: float) -> Lesion:
@@ -191,10 +248,7 @@ def _solid_lesion(rng, grid: Grid, organ: np.ndarray, organ_name: str, kind: str
     if blob.semi_axes.min() < 1.5 * min(grid.spacing):
         raise ConfigError(f"the {organ_name} is too small for a lesion at shape {grid.shape} and spacing "
                           f"{grid.spacing} mm; use a larger --shape")
-    candidates = np.flatnonzero(depth >= blob.reach + margin)
-    centre_index = np.unravel_index(candidates[int(rng.integers(candidates.size))], grid.shape)
-    centre = [float(axis.ravel()[i]) for axis, i in zip(grid.coordinates(), centre_index)]
-    mask = blob.moved(centre).mask(grid) & organ
+    mask = blob.moved(_random_centre(rng, grid, depth, blob.reach + margin)).mask(grid) & organ
     heterogeneous = heterogeneous and blob.semi_axes.min() >= 2.5 * max(grid.spacing)
     values = np.full(grid.shape, target)
     if heterogeneous:
@@ -224,8 +278,12 @@ def _wall_thickening(rng, grid: Grid, organ: np.ndarray) -> Lesion:
     return Lesion("urinary bladder", "wall thickening", mask, weight, values, True, blurred, False)
 
 
-def _draw_lesion(rng, grid: Grid, index: int, hu: np.ndarray, seg: np.ndarray) -> Lesion:
-    """The lesion of case ``index``: the lesion kinds take turns, so any 5 consecutive cases cover all of them."""
+def _draw_lesion(rng, grid: Grid, index: int, hu: np.ndarray, seg: np.ndarray, lesions: str) -> Lesion:
+    """The lesion of case ``index``: for ``lesions="mixed"`` the lesion kinds take turns, so any 5 consecutive cases
+    cover all of them; for ``"attributes"`` a liver lesion with independently drawn attributes."""
+    if lesions == "attributes":
+        liver = seg == organ_id("liver")
+        return _attribute_lesion(rng, grid, liver, float(np.median(hu[liver])))
     organ_name, kind = LESION_KINDS[index % len(LESION_KINDS)]
     if organ_name == "kidney":
         organ_name = f"kidney {'right' if rng.random() < 0.5 else 'left'}"
@@ -244,13 +302,17 @@ def _report(rng, lesion: Lesion, image: np.ndarray, seg: np.ndarray, geometry: G
     mean_hu = float(image[lesion.mask].mean())
     organ_mean = float(image[organ & (lesion.weight == 0)].mean())
     difference = mean_hu - organ_mean
+    fluid = lesion.kind == "cyst" or (lesion.kind == FOCAL_LESION and not lesion.heterogeneous
+                                      and FLUID_HU[0] <= mean_hu <= FLUID_HU[1])
     if difference < -HU_THRESHOLD_DENSITY:
-        density = _phrase(rng, vocabulary, "density", 4 if lesion.kind == "cyst" else 0)
+        density = _phrase(rng, vocabulary, "density", 4 if fluid else 0)
     else:
         density = _phrase(rng, vocabulary, "density", 2 if difference > HU_THRESHOLD_DENSITY else 1)
     close = within_distance(lesion.mask, (seg != 0) & ~organ, spacing, CLOSE_TO_OTHER_ORGAN_MM)
     hollow = is_hollow(key)
     shape = _phrase(rng, vocabulary, "shape", 2 if hollow else (1 if lesion.irregular else 0))
+    if lesion.kind == FOCAL_LESION and fluid and not lesion.irregular and rng.random() < CYSTIC_SHAPE_PROBABILITY:
+        shape = _phrase(rng, vocabulary, "shape", 4)
     # Size and centre along the file's voxel axes, as the original preprocess wrote them (x, y, z for LPS/RAS).
     file_box = ndimage.find_objects(geometry.to_file(lesion.mask).astype(np.int8))[0]
     size = [int(axis.stop - axis.start) for axis in file_box]
@@ -279,18 +341,21 @@ def _report(rng, lesion: Lesion, image: np.ndarray, seg: np.ndarray, geometry: G
         "bbox_zyx": [[int(axis.start) for axis in box], [int(axis.stop) for axis in box]],
         "irregular": bool(lesion.irregular), "blurred_margin": bool(lesion.blurred),
         "heterogeneous": bool(lesion.heterogeneous),
+        "density": "hypo" if difference < -HU_THRESHOLD_DENSITY else ("hyper" if difference > HU_THRESHOLD_DENSITY
+                                                                        else "iso"),
     }
     return report, entry
 
 
-def render_case(seed: int, index: int, geometry: Geometry) -> dict:
-    """Draw case ``index`` of dataset ``seed``; returns the ``(z, y, x)`` arrays ``image``/``healthy`` (int16 HU),
-    ``label``/``seg`` (uint8), the ``report`` dict and the manifest ``entry``."""
+def render_case(seed: int, index: int, geometry: Geometry, lesions: str = "mixed") -> dict:
+    """Draw case ``index`` of dataset ``seed`` (``lesions``: one of :data:`LESION_SETS`); returns the ``(z, y, x)``
+    arrays ``image``/``healthy`` (int16 HU), ``label``/``seg`` (uint8), the ``report`` dict and the manifest
+    ``entry``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     grid = Grid(geometry.shape_zyx, geometry.spacing_zyx)
     clean, seg = _draw_anatomy(rng, grid)
     healthy_smooth = ndimage.gaussian_filter(clean, sigma=0.6)  # partial-volume edges
-    lesion = _draw_lesion(rng, grid, index, clean, seg)
+    lesion = _draw_lesion(rng, grid, index, clean, seg, lesions)
     with_lesion = healthy_smooth + lesion.weight * (lesion.values - healthy_smooth)
     noise = ndimage.gaussian_filter(rng.standard_normal(grid.shape), sigma=0.5)
     noise *= rng.uniform(10.0, 15.0) / noise.std()
@@ -302,7 +367,7 @@ def render_case(seed: int, index: int, geometry: Geometry) -> dict:
             "entry": entry}
 
 
-def _parameters(n, seed, shape, spacing, orientation) -> dict:
+def _parameters(n, seed, shape, spacing, orientation, lesions) -> dict:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"n must be a positive integer, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -310,11 +375,13 @@ def _parameters(n, seed, shape, spacing, orientation) -> dict:
     spacing = [float(spacing)] * 3 if np.isscalar(spacing) else [float(s) for s in spacing]
     if orientation not in ORIENTATIONS:
         raise ConfigError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    if lesions not in LESION_SETS:
+        raise ConfigError(f"lesions must be one of {', '.join(LESION_SETS)}, got {lesions!r}")
     geometry = geometry_for(shape, spacing, ORIENTATIONS[orientation])
     if any(s < m for s, m in zip(geometry.shape_zyx, MIN_SHAPE)):
         raise ConfigError(f"shape {tuple(geometry.shape_zyx)} is too small; use at least {MIN_SHAPE} (z, y, x)")
     return {"version": FORMAT_VERSION, "n": int(n), "seed": int(seed), "shape": list(geometry.shape_zyx),
-            "spacing": list(geometry.spacing_zyx), "orientation": orientation}
+            "spacing": list(geometry.spacing_zyx), "orientation": orientation, "lesions": lesions}
 
 
 def _list_paths(out: Path) -> dict[str, Path]:
@@ -351,15 +418,17 @@ def _remove_stale_cases(out: Path, old: dict | None, keep: set[str]) -> None:
 
 
 def make_phantoms(out_dir, n: int = 8, seed: int = 0, shape=(48, 96, 96), spacing=2.0, overwrite: bool = False,
-                  orientation: str = "LPS", progress: bool = True) -> dict:
+                  orientation: str = "LPS", progress: bool = True, lesions: str = "mixed") -> dict:
     """Write ``n`` phantom cases and their list files under ``out_dir`` (see the module docstring).
 
     ``shape``: ``(z, y, x)`` voxels; ``spacing``: mm, one number or ``(z, y, x)``; ``orientation``: ``"LPS"``
-    (as the upstream demo) or ``"RAS"``; ``progress``: show a progress bar on stderr. A complete dataset with the
-    same parameters is left as it is; other contents raise DataError unless ``overwrite``. Returns ``{"out_dir", "lists": {name: path}, "manifest_path",
-    "manifest", "generated"}`` (``generated`` is False when nothing had to be written).
+    (as the upstream demo) or ``"RAS"``; ``progress``: show a progress bar on stderr; ``lesions``: ``"mixed"`` (the
+    lesion kinds of :data:`LESION_KINDS` in turn) or ``"attributes"`` (liver lesions with independent attributes).
+    A complete dataset with the same parameters is left as it is; other contents raise DataError unless
+    ``overwrite``. Returns ``{"out_dir", "lists": {name: path}, "manifest_path", "manifest", "generated"}``
+    (``generated`` is False when nothing had to be written).
     """
-    parameters = _parameters(n, seed, shape, spacing, orientation)
+    parameters = _parameters(n, seed, shape, spacing, orientation, lesions)
     out = Path(out_dir).expanduser().resolve()
     manifest_path = out / MANIFEST_NAME
     old = _read_manifest(manifest_path)
@@ -383,7 +452,7 @@ def make_phantoms(out_dir, n: int = 8, seed: int = 0, shape=(48, 96, 96), spacin
     _remove_stale_cases(out, old, set(names))
     entries = []
     for index in tqdm(range(parameters["n"]), desc="phantoms", unit="case", disable=not progress):
-        case = render_case(parameters["seed"], index, geometry)
+        case = render_case(parameters["seed"], index, geometry, lesions)
         folder = out / names[index]
         for name, dtype in (("image", np.int16), ("healthy", np.int16), ("label", np.uint8), ("seg", np.uint8)):
             write_volume(folder / f"{name}.nii.gz", case[name], geometry, dtype=dtype)
@@ -413,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
                         help="voxel size in mm: one value or three (z y x) (default 2.0)")
     parser.add_argument("--orientation", choices=sorted(ORIENTATIONS), default="LPS", help="file orientation")
+    parser.add_argument("--lesions", choices=LESION_SETS, default="mixed",
+                        help="mixed: the lesion kinds in turn (default); attributes: liver lesions whose density, "
+                             "shape, margin, density variations and size are drawn independently")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -422,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = make_phantoms(args.out, n=args.n, seed=args.seed, shape=args.shape,
                                spacing=args.spacing[0] if len(args.spacing) == 1 else args.spacing,
-                               overwrite=args.overwrite, orientation=args.orientation)
+                               overwrite=args.overwrite, orientation=args.orientation, lesions=args.lesions)
     except LesionDiffusionError as error:
         if args.debug:
             raise

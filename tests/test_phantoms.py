@@ -92,7 +92,7 @@ def test_files_and_lists_exist_and_align(dataset):
     assert (out / "healthy_list.txt").read_text() == "case_004/healthy.nii.gz\n"
     assert json.loads((out / "phantoms.json").read_text()) == manifest
     assert manifest["parameters"] == {"version": 1, "n": 5, "seed": 0, "shape": [48, 96, 96],
-                                      "spacing": [2.0, 2.0, 2.0], "orientation": "LPS"}
+                                      "spacing": [2.0, 2.0, 2.0], "orientation": "LPS", "lesions": "mixed"}
 
 
 def test_volumes_dtypes_and_geometry(dataset):

@@ -132,10 +132,14 @@ def decode_crop(model: InpaintingDiffusion, latent: torch.Tensor, crop_size: Seq
     return image[0, 0].float().cpu().numpy()
 
 
-def latent_mask(lesion: np.ndarray, factor: int, device: torch.device) -> torch.Tensor:
-    """``[1, 1, *crop / f]`` float mask: 1 on every latent voxel whose image cell holds a lesion voxel."""
+def latent_mask(lesion: np.ndarray, factor: int, device: torch.device, dilation: int = 0) -> torch.Tensor:
+    """``[1, 1, *crop / f]`` float mask: 1 on every latent voxel whose image cell holds a lesion voxel, grown by
+    ``dilation`` latent voxels (the model's ``latent_mask_dilation``: it was trained to inpaint that much more)."""
     lesion = torch.from_numpy(np.ascontiguousarray(lesion, dtype=np.float32))[None, None]
-    return F.max_pool3d(lesion, kernel_size=factor, stride=factor, ceil_mode=True).to(device)
+    mask = F.max_pool3d(lesion, kernel_size=factor, stride=factor, ceil_mode=True)
+    if dilation:
+        mask = F.max_pool3d(mask, 2 * dilation + 1, stride=1, padding=dilation)
+    return mask.to(device)
 
 
 @dataclass
@@ -164,7 +168,7 @@ def lesion_item(model: InpaintingDiffusion, setup: LesionSetup, crop: np.ndarray
     context and the seed."""
     image = hu_to_unit(crop.astype(np.float32))
     latent = encode_crop(model, torch.from_numpy(image)[None, None], options)
-    mask = latent_mask(setup.lesion, vq_factor(model), latent.device)
+    mask = latent_mask(setup.lesion, vq_factor(model), latent.device, getattr(model, "latent_mask_dilation", 0))
     seed = lesion_seed(options.seed, "linet", case_index, setup.component.rank)
     return ItemInputs((latent, mask, setup.context), seed)
 

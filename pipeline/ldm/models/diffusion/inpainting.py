@@ -20,12 +20,19 @@ def dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e
     return 1 - (2 * (probabilities * target).sum() + eps) / (probabilities.sum() + target.sum() + eps)
 
 
+LATENT_MASK_MODES = ("nearest", "cover")
+
+
 class InpaintingDiffusion(DDPM):
     """Batch keys (``LesionDataset`` in VQ/LINet mode): ``image`` ([0,1]), ``label`` (lesion = ``lesion_value``),
     ``text`` (attribute dicts)."""
 
     def __init__(self, scale_factor: float = 1.0, dice_weight: float = 1.0, label_key: str = "label",
-                 lesion_value: int = 2, **kwargs):
+                 lesion_value: int = 2, latent_mask_mode: str = "nearest", latent_mask_dilation: int = 0, **kwargs):
+        if latent_mask_mode not in LATENT_MASK_MODES or int(latent_mask_dilation) < 0:
+            raise ValueError(f"latent_mask_mode must be one of {LATENT_MASK_MODES} and latent_mask_dilation >= 0, "
+                             f"got {latent_mask_mode!r} and {latent_mask_dilation!r}")
+        self.latent_mask_mode, self.latent_mask_dilation = latent_mask_mode, int(latent_mask_dilation)
         self.scale_factor = float(scale_factor)
         self.dice_weight = float(dice_weight)
         self.label_key, self.lesion_value = label_key, lesion_value
@@ -47,10 +54,21 @@ class InpaintingDiffusion(DDPM):
         return self.first_stage_model.decode(latent / self.scale_factor)
 
     def latent_mask(self, label: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
-        """Lesion mask (``label == lesion_value``) resized (nearest) to the latent grid, ``[B, 1, d, h, w]``."""
+        """Training mask on the latent grid, ``[B, 1, d, h, w]``, of the lesion (``label == lesion_value``):
+        ``nearest`` (the original) resizes it, so latent cells the lesion only partly covers stay known and show
+        the lesion's HU to the model; ``cover`` masks every cell the lesion touches (what inference masks), then
+        grows the mask by ``latent_mask_dilation`` cells, so the known latent around it (whose encoder receptive
+        field reaches into the lesion) does not tell the lesion's HU either and the text has to."""
         label = label if label.ndim == 5 else label.unsqueeze(1)
         lesion = (label == self.lesion_value).float()
-        return (F.interpolate(lesion, size=tuple(latent_shape[2:]), mode="nearest") > 0.5).float()
+        if self.latent_mask_mode == "nearest":
+            mask = F.interpolate(lesion, size=tuple(latent_shape[2:]), mode="nearest")
+        else:
+            mask = F.adaptive_max_pool3d(lesion, tuple(latent_shape[2:]))
+        if self.latent_mask_dilation:
+            width = 2 * self.latent_mask_dilation + 1
+            mask = F.max_pool3d(mask, width, stride=1, padding=self.latent_mask_dilation)
+        return (mask > 0.5).float()
 
     def get_input(self, batch: dict) -> dict:
         latent = self.encode(batch[self.first_stage_key].float())
