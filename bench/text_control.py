@@ -1,6 +1,6 @@
 """Does the text control the lesion? Trained demo models, held-out healthy phantoms, requested vs measured phrases.
 
-    .venv/bin/python bench/text_control.py [--per-phrase 20] [--candidates 4] [--steps 20] [--retrain] [--out DIR]
+    .venv/bin/python bench/text_control.py [--per-phrase 20] [--candidates 4] [--sampler ddim] [--steps 20] [--retrain] [--out DIR]
 
 1. trains the demo models (``configs/demo/{vq,lmnet,linet}.yaml`` on the attribute phantoms of ``make demo``,
    :func:`demo.run_demo.train_stage`) unless ``demo/checkpoints`` holds them;
@@ -10,8 +10,8 @@
    request; its lesion's box, on its healthy CT, is where the lesion is asked for;
 3. per lesion and candidate: LMNet samples a mask in the box with the report's LMNet text, LINet inpaints it into
    the healthy CT with the LINet text (the crops, thresholds, latent mask and paste of ``synthesize.py``), and
-   :func:`demo.fidelity.describe_lesion` measures it (today's ``preparation`` measurement; the one line to change
-   when the lesion description module of "Text control you can measure" lands);
+   :func:`demo.fidelity.describe_lesion` measures it (:func:`ldm.lesion.describe_lesion`, the description the
+   quality gate and ``prepare_dataset.py`` use);
 4. prints per attribute the agreement of the measured phrase with the requested one for K = 1 (the first
    candidate), with the requests shuffled among the lesions (the chance level of a model that ignores the text)
    and for best of K (the candidate agreeing with most requested attributes; ties: smallest HU error, then the
@@ -46,6 +46,7 @@ from ldm.data.crops import bbox_center, mask_bbox, paste_crop, plan_crop, take_c
 from ldm.data.intensity import AIR_HU, hu_to_unit, unit_to_hu  # noqa: E402
 from ldm.data.organs import NUM_V1_CLASSES, organ_id  # noqa: E402
 from ldm.data.synthetic_geometry import geometry_for  # noqa: E402
+from ldm.models.diffusion.samplers import SAMPLERS, SamplerSettings  # noqa: E402
 from ldm.util import PIPELINE_DIR, load_config  # noqa: E402
 from quality.tolerances import Tolerances  # noqa: E402
 
@@ -115,7 +116,8 @@ def _chunks(indices: list[int], texts: list[dict], size: int) -> list[list[int]]
 
 
 @torch.no_grad()
-def sample_masks(lmnet, requests: list[Request], candidate: int, seed: int, steps: int, batch: int) -> list[np.ndarray]:
+def sample_masks(lmnet, requests: list[Request], candidate: int, seed: int, sampling: SamplerSettings,
+                 batch: int) -> list[np.ndarray]:
     """One LMNet mask per request (full-volume bool), candidate ``candidate``, in the request's box."""
     key = str(organ_id("liver"))
     windows, conds, texts = [], [], []
@@ -133,7 +135,7 @@ def sample_masks(lmnet, requests: list[Request], candidate: int, seed: int, step
     for chunk in _chunks(list(range(len(requests))), texts, batch):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + candidate * 10_007 + chunk[0])
         raw = lmnet.sample(torch.cat([conds[i] for i in chunk]), lmnet.encode_context([texts[i] for i in chunk]),
-                           steps=steps, generator=generator)
+                           sampling=sampling, generator=generator)
         for row, index in enumerate(chunk):
             window, box = windows[index]
             chosen = choose_threshold(raw[row, 0].numpy(), box, np.zeros_like(box), DEFAULT_THRESHOLDS)
@@ -143,7 +145,8 @@ def sample_masks(lmnet, requests: list[Request], candidate: int, seed: int, step
 
 
 @torch.no_grad()
-def inpaint(linet, requests: list[Request], masks: list[np.ndarray], candidate: int, seed: int, steps: int,
+def inpaint(linet, requests: list[Request], masks: list[np.ndarray], candidate: int, seed: int,
+            sampling: SamplerSettings,
             batch: int) -> list[np.ndarray | None]:
     """The healthy CT of each request with its lesion inpainted by LINet (HU), None where the mask is empty."""
     key = str(organ_id("liver"))
@@ -158,7 +161,8 @@ def inpaint(linet, requests: list[Request], masks: list[np.ndarray], candidate: 
         latent = linet.encode(torch.from_numpy(np.stack(images)[:, None]))
         mask = torch.cat([latent_mask(lesion, factor, latent.device, linet.latent_mask_dilation) for lesion in lesions])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + candidate * 10_007 + chunk[0] + 7)
-        sampled = linet.sample(latent, mask, linet.encode_context([texts[i] for i in chunk]), steps=steps,
+        sampled = linet.sample(latent, mask, linet.encode_context([texts[i] for i in chunk]),
+                               sampling=sampling,
                                generator=generator)
         decoded = unit_to_hu(linet.decode(sampled)[:, 0, : CROP[0], : CROP[1], : CROP[2]].numpy())
         for row, index in enumerate(chunk):
@@ -287,9 +291,10 @@ def run(args: argparse.Namespace) -> dict:
     requests = heldout_requests(args.per_phrase)
     print(f"[bench] {len(requests)} held-out lesions, {args.candidates} candidate(s) each", flush=True)
     judged, volumes, masks = [], [], []
+    sampling = SamplerSettings(args.sampler, args.steps)
     for candidate in tqdm(range(args.candidates), desc="candidates", unit="K"):
-        masks_k = sample_masks(lmnet, requests, candidate, args.seed, args.steps, args.batch)
-        volumes_k = inpaint(linet, requests, masks_k, candidate, args.seed, args.steps, args.batch)
+        masks_k = sample_masks(lmnet, requests, candidate, args.seed, sampling, args.batch)
+        volumes_k = inpaint(linet, requests, masks_k, candidate, args.seed, sampling, args.batch)
         judged.append([measure_result(r, v, m) for r, v, m in zip(requests, volumes_k, masks_k)])
         volumes.append(volumes_k)
         masks.append(masks_k)
@@ -297,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
     chosen = [best_candidate(r, [judged[k][i] for k in range(args.candidates)]) for i, r in enumerate(requests)]
     best = [judged[k][i] for i, k in enumerate(chosen)]
     result = {
-        "lesions": len(requests), "candidates": args.candidates, "ddim_steps": args.steps,
+        "lesions": len(requests), "candidates": args.candidates, "sampler": args.sampler, "steps": args.steps,
         "k1": rates([agreements(r, j) for r, j in zip(requests, first)]),
         "shuffled": shuffled_agreement(requests, first, args.seed),
         f"k{args.candidates}": rates([agreements(r, j) for r, j in zip(requests, best)]),
@@ -336,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-phrase", type=int, default=20, help="lesions per requested phrase, at least")
     parser.add_argument("--candidates", type=int, default=4, help="K of best of K")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps per sample")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim", help="sampler of both stages")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps per sample")
     parser.add_argument("--batch", type=int, default=16, help="lesions per UNet batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train the demo models again")

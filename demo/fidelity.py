@@ -1,8 +1,8 @@
 """How well a synthesised lesion matches its report: the phrases the scan supports vs the requested ones.
 
 :func:`describe_lesion` is the one place the demo and ``bench/text_control.py`` measure a lesion: today it calls
-``preparation.measure`` and ``preparation.phrases`` (the code that writes training reports); when the lesion
-description module of "Text control you can measure" lands, only this function changes.
+:func:`ldm.lesion.describe_lesion`, the one lesion description that writes training reports and that the quality
+gate checks with.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ if _PIPELINE not in sys.path:
 
 from ldm.data.attributes import short_ct_value  # noqa: E402
 from ldm.util import PIPELINE_DIR  # noqa: E402
-from preparation.measure import LesionMeasurement, measure_lesion  # noqa: E402
-from preparation.phrases import ISO_BAND_HU, measured_phrases  # noqa: E402
+from ldm.lesion import LesionMeasurement  # noqa: E402
+from ldm.lesion import describe_lesion as describe  # noqa: E402
 
 JUDGED = ("density", "shape", "surface characteristics", "density variations")
 HU_TOLERANCE = 20.0  # |interior mean - requested CT value| that counts as "the requested CT value"
@@ -37,8 +37,8 @@ def describe_lesion(ct: np.ndarray, lesion: np.ndarray, seg: np.ndarray, organ: 
                     spacing: Sequence[float]) -> tuple[dict[str, str], LesionMeasurement]:
     """The report phrases the scan supports for ``lesion`` (bool, on the grid of ``ct`` in HU and of the v1
     segmentation ``seg``; ``spacing`` in mm along the array axes) and the measurements behind them."""
-    measurement = measure_lesion(ct, lesion, lesion, seg == organ, seg, organ, spacing, ISO_BAND_HU)
-    return measured_phrases(measurement, organ).values, measurement
+    description = describe(ct, lesion, seg, spacing, organ_id=organ)
+    return description.phrases.values, description.measurement
 
 
 def phrase_class(attribute: str, phrase: str) -> str:

@@ -48,7 +48,7 @@ from ldm.data.volume import Geometry, write_volume  # noqa: E402
 from ldm.fileio import write_text_atomic  # noqa: E402
 from ldm.util import PIPELINE_DIR  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
-from preparation.phrases import FLUID_HU  # noqa: E402
+from ldm.lesion.thresholds import DEFAULT as THRESHOLDS  # noqa: E402
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "phantoms.json"
@@ -303,7 +303,7 @@ def _report(rng, lesion: Lesion, image: np.ndarray, seg: np.ndarray, geometry: G
     organ_mean = float(image[organ & (lesion.weight == 0)].mean())
     difference = mean_hu - organ_mean
     fluid = lesion.kind == "cyst" or (lesion.kind == FOCAL_LESION and not lesion.heterogeneous
-                                      and FLUID_HU[0] <= mean_hu <= FLUID_HU[1])
+                                      and THRESHOLDS.fluid_hu[0] <= mean_hu <= THRESHOLDS.fluid_hu[1])
     if difference < -HU_THRESHOLD_DENSITY:
         density = _phrase(rng, vocabulary, "density", 4 if fluid else 0)
     else:

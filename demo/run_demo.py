@@ -78,10 +78,16 @@ def run(args: argparse.Namespace) -> int:
                       lmnet_config="configs/demo/lmnet_test.yaml", linet_config="configs/demo/linet_test.yaml",
                       seed=args.seed, spacing=[2.0], steps=args.sample_steps, overwrite=True)
     print("\n".join(table(rows)))
-    if not all(row.ok for row in rows):
+    row = rows[0]
+    if not row.ok and row.stage != "quality gate":
         return 1
-    show_round_trip(healthy, rows[0].outputs)
-    print(f"[demo] fidelity: {lesion_fidelity(rows[0])}")
+    if not row.ok:  # the pipeline ran end to end; the gate moved the outputs aside because the lesion disagrees
+        row.outputs = {kind: str(rejected_path(path)) for kind, path in row.outputs.items()}
+        print("[demo] the quality gate REJECTED the lesion of the tiny demo models (see the table: what disagrees "
+              "with the report); its files are kept in rejected/ and shown below. These models do not follow the "
+              "text well yet: docs/text_control.md")
+    show_round_trip(healthy, row.outputs)
+    print(f"[demo] fidelity: {lesion_fidelity(row)}")
     print("[demo] open the NIfTI files in any viewer (they overlay the input CT); the PNGs show three planes "
           "through each lesion, before and after")
     return 0
@@ -108,6 +114,17 @@ def describe(path: Path) -> str:
     sizes = "x".join(f"{size:g}" for size in image.header.get_zooms()[:3])
     return (f"{'x'.join(map(str, image.shape))} voxels of {sizes} mm, {''.join(nib.aff2axcodes(image.affine))}, "
             f"{image.get_data_dtype()} with slope {image.dataobj.slope:g} and intercept {image.dataobj.inter:g}")
+
+
+def rejected_path(path: str | Path) -> Path:
+    """Where the quality gate moved an output of a case (``<case>/rejected/``, or a deeper one for the standardised
+    outputs; the newest when an earlier run's file of that name was kept as ``name~2``); ``path`` itself when it is
+    still in place."""
+    path = Path(path)
+    if path.exists():
+        return path
+    moved = sorted((path.parent / "rejected").glob(path.name + "*"), key=lambda candidate: candidate.stat().st_mtime)
+    return moved[-1] if moved else path
 
 
 def show_round_trip(healthy: Path, outputs: dict) -> None:

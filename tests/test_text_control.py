@@ -13,8 +13,6 @@ from demo.make_phantoms import make_phantoms
 from ldm.data.volume import read_volume
 from inference.linet import latent_mask
 from ldm.models.diffusion.inpainting import InpaintingDiffusion
-from preparation.measure import measure_lesion
-from preparation.phrases import ISO_BAND_HU, measured_phrases
 
 LIVER = 5
 
@@ -45,8 +43,7 @@ def test_attribute_phantoms_draw_every_attribute_and_report_what_was_drawn(attri
         seg, _ = read_volume(folder / "seg.nii.gz")
         report = json.loads((folder / "type.json").read_text())[str(LIVER)][2]
         lesion = label == 2
-        measured = measure_lesion(ct, lesion, lesion, seg == LIVER, seg, LIVER, geometry.spacing_zyx, ISO_BAND_HU)
-        phrases = measured_phrases(measured, LIVER).values
+        phrases, measured = describe_lesion(ct, lesion, seg, LIVER, geometry.spacing_zyx)
         # The report is written from the construction, in the original vocabulary.
         assert ("irregular" in report["shape"]) == entry["irregular"]
         assert ("ill-defined" in report["surface characteristics"]) == entry["blurred_margin"]
