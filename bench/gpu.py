@@ -122,7 +122,7 @@ def print_table(rows: list[dict], device_name: str) -> None:
               f"{row['seconds']:>9.2f} {row['peak_gib']:>9.2f}  {row.get('note', '')}")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
@@ -133,7 +133,11 @@ def main() -> int:
     parser.add_argument("--vq-tile", type=int, default=64, help="streamed tile edge in latent voxels")
     parser.add_argument("--skip-vq", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print each row as a JSON line")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA GPU on this machine; nothing measured (run it on a GPU machine).")
         return 0
