@@ -22,6 +22,7 @@ VQ_DEVICES = ("same", "neighbour", "cpu")
 VQ_TILING = ("auto", "always", "never")
 FILL_TARGETS = ("ellipsoid", "box")
 BLENDS = ("clean", "renoise")
+LATENT_MASKS = ("max_pool", "nearest")
 # Input lists each stage reads from the experiment folder (``preprocess.py`` writes the first four, LMNet the last).
 DEFAULT_LISTS = {
     "lmnet": {"image": "img_list.txt", "boxes": "bbox_list.txt", "type": "type_list.txt", "seg": "seg_list.txt"},
@@ -78,6 +79,9 @@ class InferenceOptions:
     fill_holes: bool = True
     # LINet
     blend: str = "clean"
+    # How the lesion mask reaches the latent grid: max-pooling (every latent voxel touching the lesion) or the
+    # nearest-neighbour downsampling of training and of the original's inference.
+    latent_mask: str = "max_pool"
     rim_mm: float = 2.0
     match_surroundings: bool = True
     hu_tolerance: float = 150.0
@@ -124,7 +128,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
     """Validate every setting; returns ``options`` or raises a ConfigError naming the key."""
     for key, allowed in (("stage", STAGES), ("sampler", SAMPLERS), ("precision", PRECISIONS),
                          ("vq_device", VQ_DEVICES), ("vq_tiling", VQ_TILING), ("fill_target", FILL_TARGETS),
-                         ("blend", BLENDS), ("seg_version", ("v1", "v2"))):
+                         ("blend", BLENDS), ("latent_mask", LATENT_MASKS), ("seg_version", ("v1", "v2"))):
         _choice(options, key, allowed)
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("ddim_steps", 1), ("attempts", 1),
                          ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1)):

@@ -19,6 +19,13 @@ def dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e
     return 1 - (2 * (probabilities * target).sum() + eps) / (probabilities.sum() + target.sum() + eps)
 
 
+def nearest_latent_mask(lesion: torch.Tensor, latent_size) -> torch.Tensor:
+    """``[B, 1, *latent_size]`` float mask of a ``[B, 1, *S]`` lesion mask, nearest-neighbour downsampled: what
+    training (here and in the original) and the original's inference use. It can miss lesion parts thinner than
+    the VQ's downsampling factor."""
+    return (F.interpolate(lesion.float(), size=tuple(int(n) for n in latent_size), mode="nearest") > 0.5).float()
+
+
 class InpaintingDiffusion(DDPM):
     """Batch keys (``LesionDataset`` in VQ/LINet mode): ``image`` ([0,1]), ``label`` (lesion = ``lesion_value``),
     ``text`` (attribute dicts)."""
@@ -48,8 +55,7 @@ class InpaintingDiffusion(DDPM):
     def latent_mask(self, label: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
         """Lesion mask (``label == lesion_value``) resized (nearest) to the latent grid, ``[B, 1, d, h, w]``."""
         label = label if label.ndim == 5 else label.unsqueeze(1)
-        lesion = (label == self.lesion_value).float()
-        return (F.interpolate(lesion, size=tuple(latent_shape[2:]), mode="nearest") > 0.5).float()
+        return nearest_latent_mask((label == self.lesion_value).float(), latent_shape[2:])
 
     def get_input(self, batch: dict) -> dict:
         latent = self.encode(batch[self.first_stage_key].float())
