@@ -294,9 +294,9 @@ def check_command(command: Command) -> list[str]:
     return problems
 
 
-def documentation_pages() -> list[Path]:
-    """``README.md`` and every ``docs/*.md``, whoever added them."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+def documentation_pages(root: Path = ROOT) -> list[Path]:
+    """``README.md`` and every ``docs/*.md`` under ``root``, whoever added them."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 def check_text(text: str, source: str) -> list[str]:
@@ -306,5 +306,6 @@ def check_text(text: str, source: str) -> list[str]:
 def check_pages(pages: list[Path] | None = None) -> list[str]:
     """Every problem of every documented command, one line each."""
     return [problem for page in (pages or documentation_pages())
-            for problem in check_text(page.read_text(encoding="utf-8"), str(page.relative_to(ROOT)))]
+            for problem in check_text(page.read_text(encoding="utf-8"),
+                                      str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else page.name)]
 
