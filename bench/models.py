@@ -8,7 +8,7 @@ alternating subprocesses (``--rounds`` times each, interleaved so that load from
 summary line per case gives the minimum time and peak memory of each and their ratios. Each phase (``infer``:
 no-grad forward / VQ round trip; ``train``: forward + backward; ``train_ckpt``: the same with ``use_checkpoint``)
 is a separate subprocess so that its peak memory (max RSS on the CPU, max allocated on CUDA) is its own. Small
-inputs on the CPU: release-size sampling needs a GPU (see README and bench/gpu.py).
+inputs on the CPU: release-size sampling needs a GPU (see docs/speed.md and bench/gpu.py).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ at least ``"organ type"`` and ``"lesion type"``. Writes ``exp_name/{img,seg,type
 input order, successful cases only), a folder per case and ``exp_name/preprocess_report.json``. Exit code 1
 when any case failed (each named in the summary), 0 otherwise. Paths on the command line resolve against the
 current directory. Under ``torchrun`` or ``srun`` every process takes its share of the CTs and rank 0 writes the
-lists and the report (README, 'Inference', several processes).
+lists and the report (docs/inference.md, 'Several processes and nodes').
 """
 from __future__ import annotations
 

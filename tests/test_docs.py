@@ -101,3 +101,14 @@ def test_citation_file_names_the_paper():
     assert paper["title"] == "LesionDiffusion: Towards Text-controlled General Lesion Synthesis"
     assert "arXiv:2503.00741" in [identifier["value"] for identifier in paper["identifiers"]]
     assert "version" not in citation  # the one version is ldm.__version__
+
+
+def test_the_documented_quality_toml_is_the_default_tolerances():
+    import tomllib
+
+    from quality.tolerances import Tolerances, tolerances_from_mapping
+
+    page = (ROOT / "docs" / "quality.md").read_text(encoding="utf-8")
+    example = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert tolerances_from_mapping(tomllib.loads(example)["tolerances"]) == Tolerances()
+    assert set(tomllib.loads(example)["tolerances"]) == {item.name for item in fields(Tolerances)}

@@ -35,7 +35,7 @@ DEFAULT_THRESHOLDS = tuple(round(0.9 - 0.05 * index, 2) for index in range(13))
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Settings of one inference run (see the README fragment for what each one does)."""
+    """Settings of one inference run (docs/reference.md lists each key; docs/inference.md says what it does)."""
 
     stage: str
     exp_dir: Path | None = None

@@ -1,25 +1,9 @@
 """Measurements of every lesion of one inpainted CT (no pass/fail here: see :mod:`quality.gate`).
 
-Per lesion (a face-connected component of value 2 of the output's mask, largest first):
-
-- size: voxels, volume (mm3), bounding-box extent in voxels along the **file's** axes (the axes the report's
-  ``size`` ``"[[a b c]] pixel,"`` counts along), the report's size, the volume of the ellipsoid inscribed in it
-  (pi/6 a b c voxels, what LMNet aims for) and the ratios;
-- organ: the report entry whose organ overlaps the lesion most (:func:`ldm.data.attributes.select_organ_key` on
-  a window around the lesion), its mask in the segmentation (lung lobes: the union of the report's lobes),
-  dilated by one voxel (26 neighbours) for hollow organs, whose wall is often outside the segmented lumen; the
-  fraction of lesion voxels inside it;
-- HU: mean and standard deviation in the lesion on the inpainted CT, the report's ``CT value``;
-- density: the reference is the **median** HU of the organ (undilated) in a shell of ``shell_mm`` around the
-  lesion, other lesions excluded, read on the **input** CT, so that the lesion's own feathered halo does not pull
-  it (the median ignores partial-volume voxels at the organ's edge); fewer than :data:`MIN_SHELL_VOXELS` shell
-  voxels fall back to the whole organ; contrast = mean - reference;
-- margin sharpness: mean gradient magnitude (HU/mm, central differences with the voxel spacing) on the one-voxel
-  rims inside and outside the lesion boundary;
-- components: mask components whose best-overlapping box of ``bbox.nii.gz`` is this lesion's box (1 without boxes);
-- changes outside the paste region (the exact region :func:`inference.paste.lesion_region` lets the paste touch:
-  the lesions and every voxel closer than ``rim_mm`` to them, with the voxel spacing): count and largest
-  |difference| in HU against the input CT, for the whole output.
+Per lesion (a face-connected component of value 2 of the output's mask, largest first): size, organ overlap, HU,
+density contrast against the organ, margin sharpness, components per box, and the changes outside the paste
+region. What each one is, in which unit and CSV column, is written once, in ``docs/quality.md`` ("How the
+measurements are made").
 """
 from __future__ import annotations
 
@@ -213,7 +197,7 @@ def ranked_components(lesions: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
                    seg_version: str = "v1", names: tuple[str, str] | None = None) -> list[LesionQuality]:
-    """Measure every lesion of one output (module docstring); ``names``: how the output and mask are shown in
+    """Measure every lesion of one output (docs/quality.md); ``names``: how the output and mask are shown in
     the results (default: their paths). DataError for unreadable or inconsistent inputs."""
     volumes = OutputVolumes(spec, seg_version)
     lesions = volumes.mask == LESION_VALUE

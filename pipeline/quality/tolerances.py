@@ -1,35 +1,10 @@
 """The quality checks and their tolerances: documented defaults, a ``quality.toml`` file, command-line overrides.
 
-Checks (a lesion passes when every applicable check passes; a check whose request is absent from the report is
-``n/a`` and does not fail):
-
-=================== ==============================================================================================
-``hu``              ``|mean HU in the lesion - report CT value| <= hu_abs`` (50 HU)
-``density``         measured class (hypo/iso/hyper vs the surrounding organ, iso when within ``iso_band_hu``,
-                    10 HU) equals the report's ``density`` class; ``n/a`` for mixed density or ring enhancement
-``inside_organ``    fraction of lesion voxels in the report's organ >= ``min_inside_fraction`` (0.9); hollow organs
-                    are dilated by one voxel first (their wall is often left out of the segmentation)
-``volume``          lesion volume / volume of the ellipsoid inscribed in the report's size (the LMNet target) within
-                    ``volume_ratio`` (0.3 .. 2.0)
-``extent``          bounding-box extent / report size, along each file axis, within ``extent_ratio`` (0.5 .. 1.5)
-``components``      mask components falling in the lesion's box (``bbox.nii.gz``) <= ``max_components`` (1)
-``unchanged_outside`` voxels of the inpainted CT that differ from the input outside the paste region (the lesions
-                    and the ``rim_mm`` around them) <= ``max_changed_outside_voxels``
-                    (0); a property of the whole output, so it fails every lesion of that output
-=================== ==============================================================================================
-
-``quality.toml`` (every key optional; unknown keys are errors)::
-
-    [tolerances]
-    hu_abs = 50.0
-    iso_band_hu = 10.0
-    min_inside_fraction = 0.9
-    volume_ratio = [0.3, 2.0]
-    extent_ratio = [0.5, 1.5]
-    max_components = 1
-    max_changed_outside_voxels = 0
-    shell_mm = 10.0            # width of the organ shell the density reference is measured in
-    disabled = ["extent"]      # checks that never fail
+The checks, what each measures and passes at, and the ``quality.toml`` format are written once, in
+``docs/quality.md`` (a test compares its TOML example with the defaults of :class:`Tolerances`). A lesion passes
+when every applicable check passes; a check whose request is absent from the report is ``n/a`` and does not fail;
+``unchanged_outside`` is a property of the whole output, so it fails every lesion of that output. Every key of the
+file is optional; unknown keys are errors.
 """
 from __future__ import annotations
 
@@ -48,7 +23,7 @@ DEFAULT_FILE_NAME = "quality.toml"
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Tolerances of the checks (module docstring); HU in HU, lengths in mm, ratios without unit."""
+    """Tolerances of the checks (docs/quality.md); HU in HU, lengths in mm, ratios without unit."""
 
     hu_abs: float = 50.0
     iso_band_hu: float = 10.0
@@ -113,7 +88,7 @@ def tolerances_from_mapping(values: Mapping[str, Any], source: str = "tolerances
 
 
 def load_tolerances(path: str | os.PathLike) -> Tolerances:
-    """Read the ``[tolerances]`` table of a TOML file (module docstring); ConfigError naming the file otherwise."""
+    """Read the ``[tolerances]`` table of a TOML file (docs/quality.md); ConfigError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: tolerance file not found")
