@@ -29,7 +29,6 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ROOT / "pipeline"
 ENTRY_FOLDERS = ("pipeline", "demo", "bench")
 # Top-level folders of the repository: a path that resolves into one of them must exist.
 REPOSITORY_FOLDERS = ("pipeline", "demo", "bench", "tests", "docs")
@@ -160,7 +159,7 @@ def entry_point_parser(script: str) -> argparse.ArgumentParser:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     if not hasattr(module, "build_parser"):
-        raise AssertionError(f"{script}: an entry point must define build_parser() (the checked documentation reads it)")
+        raise AssertionError(f"{script}: an entry point must define build_parser() (the doc checker reads it)")
     return module.build_parser()
 
 

@@ -74,7 +74,7 @@ def test_help_ends_with_checked_examples_and_version_is_the_projects(script, cap
     last_paragraph = help_text.split("\n\n")[-1]
     assert last_paragraph.startswith("examples:"), f"{script}: --help must end with examples"
     examples = [line.strip() for line in last_paragraph.splitlines()[1:]]
-    assert 1 <= len(examples) <= 4 and all(script in example for example in examples)
+    assert 1 <= len(examples) <= 2 and all(script in example for example in examples)
     assert check_text("```bash\n" + "\n".join(examples) + "\n```\n", f"{script} --help") == []
     with pytest.raises(SystemExit) as stopped:
         parser.parse_args(["--version"])

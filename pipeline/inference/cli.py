@@ -18,9 +18,7 @@ FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "ddim_steps", "eta": "et
 
 EPILOG = examples(
     "python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp",
-    "python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2",
-    "torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp",
-    "python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp inference.ddim_steps=20")
+    "torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp")
 
 
 def build_parser() -> argparse.ArgumentParser:

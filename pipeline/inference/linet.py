@@ -6,8 +6,8 @@ Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, lar
    with air where the volume is smaller), mapped to [0, 1] and VQ-encoded (the crop only; the original encoded
    and decoded the whole CT);
 2. the latent mask covers every latent voxel touching the lesion (max-pooling; training used nearest
-   downsampling, which can miss thin parts; ``latent_mask: nearest`` uses that); DDIM in the latent keeps the clean latent outside the mask and is
-   guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
+   downsampling, which can miss thin parts; ``latent_mask: nearest`` uses that); DDIM in the latent keeps the
+   clean latent outside the mask and is guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
 3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
    beyond a rim of ``rim_mm`` around the lesion every voxel is the input's. Lesions whose crops no earlier
    lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`).
