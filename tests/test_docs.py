@@ -1,5 +1,6 @@
 """The documentation matches the code: documented commands, --help examples, --version, the reference page."""
 import argparse
+import re
 from dataclasses import fields
 
 import pytest
@@ -116,3 +117,16 @@ def test_the_documented_quality_toml_is_the_default_tolerances():
     example = page.split("```toml\n", 1)[1].split("```", 1)[0]
     assert tolerances_from_mapping(tomllib.loads(example)["tolerances"]) == Tolerances()
     assert set(tomllib.loads(example)["tolerances"]) == {item.name for item in fields(Tolerances)}
+
+
+def test_reference_states_the_code_defaults_of_the_inference_keys():
+    reference = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    table = reference.split("\n## The `inference:` block\n", 1)[1]
+    documented = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", table, flags=re.M))
+    for item in fields(InferenceOptions):
+        default = item.default
+        if item.name == "stage" or not isinstance(default, (bool, int, float, str, type(None))):
+            continue
+        expected = "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        assert documented[item.name].strip() == expected, item.name
+    assert documented["thresholds"].strip() == ", ".join(map(str, InferenceOptions.thresholds))
