@@ -11,7 +11,8 @@ reported when
   source or config suffix, resolved from the block's folder, and for configs also from ``pipeline/`` as
   ``--base`` finds them);
 - an ``inference.<key>=value`` override names no setting of :class:`inference.options.InferenceOptions`;
-- a ``make`` target is not in the Makefile.
+- a ``make`` target is not in the Makefile;
+- a relative Markdown link names a file that does not exist, or a ``#heading`` the page does not have.
 
 Placeholders are skipped: ``<...>``, ``$VARIABLES``, ``a|b`` alternatives, ``...``; ``[...]`` brackets of optional
 parts are removed. Blocks marked ``bash``, ``sh``, ``shell`` or unmarked are commands line by line; in ``console``
@@ -298,13 +299,40 @@ def documentation_pages(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def check_text(text: str, source: str) -> list[str]:
-    return [problem for command in commands(text, source) for problem in check_command(command)]
+def _anchors(text: str) -> set[str]:
+    """The link targets of a page: its headings as GitHub slugs them, and its ``<a id="...">`` anchors."""
+    headings = re.findall(r"^#+ (.*)$", text, flags=re.M)
+    slugs = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+    return slugs | set(re.findall(r'<a id="([\w-]+)"></a>', text))
+
+
+def link_problems(text: str, source: str, folder: Path) -> list[str]:
+    """Relative Markdown links of a page (in ``folder``) whose file or ``#anchor`` does not exist."""
+    problems = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for path, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([\w-]+))?\)", line):
+            if re.match(r"^[a-z]+:", path) or path.startswith("<"):
+                continue
+            target = (folder / path) if path else None
+            if target is not None and not target.exists():
+                problems.append(f"{source}:{number}: link to {path}: no such file")
+            elif anchor and (target is None or target.suffix == ".md"):
+                page = text if target is None else target.read_text(encoding="utf-8")
+                if anchor not in _anchors(page):
+                    problems.append(f"{source}:{number}: link to {path}#{anchor}: no such heading or anchor")
+    return problems
+
+
+def check_text(text: str, source: str, folder: Path | None = None) -> list[str]:
+    """The problems of a page's commands, and of its links when its ``folder`` is given."""
+    problems = [problem for command in commands(text, source) for problem in check_command(command)]
+    return problems + (link_problems(text, source, folder) if folder is not None else [])
 
 
 def check_pages(pages: list[Path] | None = None) -> list[str]:
     """Every problem of every documented command, one line each."""
     return [problem for page in (pages or documentation_pages())
             for problem in check_text(page.read_text(encoding="utf-8"),
-                                      str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else page.name)]
+                                      str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else page.name,
+                                      page.parent)]
 

@@ -58,6 +58,16 @@ def test_the_checker_follows_cd_and_rejects_scripts_that_are_not_there():
     assert check_text("```python\npython pipeline/test.py --stepz 1\n```\n", "a.md") == []
 
 
+def test_the_checker_finds_broken_links(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n<a id=\"a-paragraph\"></a>\n**A paragraph.**\n")
+    page = ("# Title\n\nSee [other](other.md), [its paragraph](other.md#a-paragraph), [here](#title),\n"
+            "[gone](missing.md), [no heading](other.md#nowhere), [the web](https://example.org/x.md).\n")
+    assert check_text(page, "page.md", tmp_path) == [
+        "page.md:4: link to missing.md: no such file",
+        "page.md:4: link to other.md#nowhere: no such heading or anchor",
+    ]
+
+
 def test_the_checker_reads_pages_added_later(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
