@@ -82,7 +82,7 @@ def measure(name: str, repeats: int, out_dir: Path, step_seconds: list[float]) -
     return result
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(MODELS), help="one model only")
     parser.add_argument("--repeats", type=int, default=3, help="writes per model; the minimum is reported")
@@ -90,7 +90,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--step-seconds", type=float, nargs="*", default=[],
                         help="seconds per training step on your GPU(s): also print the kill cost in minutes")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     import torch
 
     torch.set_num_threads(args.threads)

@@ -186,8 +186,7 @@ def print_table(rows: list[dict], device_name: str) -> None:
               f"{row['seconds']:>9.2f} {row['peak_gib']:>9.2f}  {row.get('note', '')}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The options, with the defaults of ``--device`` (GPU: release sizes; CPU: demo configs, tiny shapes)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--steps", type=int, nargs="+", help="DDIM step counts (GPU default 50 200)")
@@ -204,7 +203,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vq-tile", type=int, help="streamed tile edge in latent voxels")
     parser.add_argument("--skip-vq", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print each row as a JSON line")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with the defaults of ``--device`` (GPU: release sizes; CPU: demo configs, tiny shapes)."""
+    args = build_parser().parse_args(argv)
     for key, value in (CPU_DEFAULTS if args.device == "cpu" else GPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

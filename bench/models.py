@@ -8,7 +8,7 @@ alternating subprocesses (``--rounds`` times each, interleaved so that load from
 summary line per case gives the minimum time and peak memory of each and their ratios. Each phase (``infer``:
 no-grad forward / VQ round trip; ``train``: forward + backward; ``train_ckpt``: the same with ``use_checkpoint``)
 is a separate subprocess so that its peak memory (max RSS on the CPU, max allocated on CUDA) is its own. Small
-inputs on the CPU: release-size sampling needs a GPU (see README and bench/gpu.py).
+inputs on the CPU: release-size sampling needs a GPU (see docs/speed.md and bench/gpu.py).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def compare(case: tuple, args) -> dict:
     return summary
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["unet", "vq", "attention"])
     parser.add_argument("--names", nargs="+", help="only these networks (e.g. linet_release vq_tiny)")
@@ -188,7 +188,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved before/after subprocess pairs")
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case), args.device, args.threads, args.repeats)))
         return

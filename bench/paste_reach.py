@@ -19,12 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 from inference.source_grid import measure_changes  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="the CT before inpainting")
     parser.add_argument("--output", required=True, help="the inpainted CT, same grid")
     parser.add_argument("--label", required=True, help="lesion label (2 = lesion), same grid")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(json.dumps(measure_changes(args.input, args.output, args.label)))
     return 0
 

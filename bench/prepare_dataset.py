@@ -60,11 +60,15 @@ def prepare(dataset: Path, out: Path, segs: Path, extra: list[str]) -> tuple[flo
     return seconds, {case["case_id"]: case for case in report["cases"]}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spacings", type=float, nargs="+", default=[3.0, 1.0], help="--spacing values for the example CT")
     parser.add_argument("--out", help="work folder (default: a temporary one, removed)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
         phantoms, phantom_segs = work / "Dataset911_Phantoms", work / "phantom_segs"

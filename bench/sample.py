@@ -322,7 +322,7 @@ def run_case(case: dict, device_name: str, threads: int) -> dict:
     return {**case, "device": device_name, "threads": threads, **result}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sampler", default="ddim", help="sampler of every case (see docs/samplers.md)")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 50])
@@ -343,7 +343,11 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=4, help="K of the best-of-K comparison")
     parser.add_argument("--only", choices=["lmnet", "linet", "vq", "batching", "boxes", "candidates", "phases"])
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case), args.device, args.threads)))
         return

@@ -159,7 +159,8 @@ def inpaint(linet, requests: list[Request], masks: list[np.ndarray], candidate: 
         lesions = [take_crop(masks[i], window, fill=False) for i, window in zip(chunk, windows)]
         images = [hu_to_unit(take_crop(requests[i].healthy, window, fill=AIR_HU)) for i, window in zip(chunk, windows)]
         latent = linet.encode(torch.from_numpy(np.stack(images)[:, None]))
-        mask = torch.cat([latent_mask(lesion, factor, latent.device, linet.latent_mask_dilation) for lesion in lesions])
+        mask = torch.cat([latent_mask(lesion, factor, latent.device, dilation=linet.latent_mask_dilation)
+                          for lesion in lesions])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + candidate * 10_007 + chunk[0] + 7)
         sampled = linet.sample(latent, mask, linet.encode_context([texts[i] for i in chunk]),
                                sampling=sampling,

@@ -43,7 +43,7 @@ def differences(whole: torch.Tensor, tiled: torch.Tensor, margin: int) -> dict[s
             "border_max": border.max().item(), "mean": difference.mean().item(), "whole_std": whole.std().item()}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="demo")
     parser.add_argument("--shape", type=int, nargs=3, default=[48, 48, 48])
@@ -54,7 +54,11 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     params = load_config([CONFIGS[args.config]]).model.params
     torch.manual_seed(0)

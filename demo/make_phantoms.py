@@ -39,6 +39,7 @@ _PIPELINE = str(Path(__file__).resolve().parents[1] / "pipeline")
 if _PIPELINE not in sys.path:
     sys.path.insert(0, _PIPELINE)
 
+from ldm.cli import add_version, examples  # noqa: E402
 from ldm.data.crops import largest_component  # noqa: E402
 from ldm.data.organs import is_hollow, organ_id  # noqa: E402
 from ldm.data.synthetic_geometry import (  # noqa: E402
@@ -472,8 +473,12 @@ def make_phantoms(out_dir, n: int = 8, seed: int = 0, shape=(48, 96, 96), spacin
     return {**result, "manifest": json.loads(json.dumps(manifest)), "generated": True}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write seeded synthetic abdominal CT phantoms with lesions.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Write seeded synthetic abdominal CT phantoms with lesions.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("python demo/make_phantoms.py --out demo/data --n 8 --seed 0",
+                        "python demo/make_phantoms.py --out phantoms_ras --orientation RAS --spacing 2.5 1.6 1.6"))
     parser.add_argument("--out", required=True, help="output folder (created; relative to the current directory)")
     parser.add_argument("--n", type=int, default=8, help="number of cases (default 8; the last quarter is val)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -487,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
                              "shape, margin, density variations and size are drawn independently")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return add_version(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.spacing) not in (1, 3):
         parser.error("--spacing takes one value or three (z y x)")

@@ -32,6 +32,7 @@ sys.path.insert(0, str(PIPELINE_DIR))
 sys.path.insert(0, str(ROOT))
 
 from demo.make_phantoms import make_phantoms  # noqa: E402
+from ldm.cli import add_version, examples  # noqa: E402
 from ldm.errors import LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path  # noqa: E402
 
@@ -165,15 +166,21 @@ def lesion_fidelity(row) -> str:
     return fidelity_line(judge(requested, phrases, measurement), components)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("python demo/run_demo.py", "python demo/run_demo.py --retrain --steps-lmnet 600"))
     parser.add_argument("--steps-vq", type=int, default=DEFAULT_STEPS["vq"], help="VQ training steps")
     parser.add_argument("--steps-lmnet", type=int, default=DEFAULT_STEPS["lmnet"], help="LMNet training steps")
     parser.add_argument("--steps-linet", type=int, default=DEFAULT_STEPS["linet"], help="LINet training steps")
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the synthesis")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even when checkpoints exist")
-    args = parser.parse_args(argv)
+    return add_version(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
         status = run(args)

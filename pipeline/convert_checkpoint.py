@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from ldm.cli import find_config, run_command  # noqa: E402
+from ldm.cli import add_version, examples, find_config, run_command  # noqa: E402
 from ldm.errors import DataError  # noqa: E402
 from ldm.fileio import atomic_path  # noqa: E402
 from ldm.models.checkpoint import (  # noqa: E402
@@ -199,9 +199,11 @@ def convert(source: str | Path, target: str | Path, trust: bool | None = None) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    paragraphs = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(
+        description="\n\n".join([paragraphs[0], *paragraphs[2:]]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("python pipeline/convert_checkpoint.py weights/LINet.ckpt weights/LINet.safetensors",
+                        "python pipeline/convert_checkpoint.py --info weights/LINet.ckpt"))
     parser.add_argument("source", metavar="IN", help="a checkpoint: .ckpt (Lightning), a state dict, or .safetensors")
     parser.add_argument("target", metavar="OUT.safetensors", nargs="?", help="the safetensors file to write")
     parser.add_argument("--info", action="store_true", help="describe IN instead of converting it")
@@ -209,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="read IN with full unpickling (may run code from the file); only for a trusted source")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

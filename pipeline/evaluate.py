@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ldm.cli import run_command  # noqa: E402
+from ldm.cli import add_version, examples, run_command  # noqa: E402
 from quality.evaluation import Evaluation  # noqa: E402
 from quality.fidelity import fidelity, weakest  # noqa: E402
 from quality.gate import evaluate_outputs  # noqa: E402
@@ -61,8 +61,10 @@ def evaluate_experiment(exp_dir: str | os.PathLike, tolerances: Tolerances | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("python pipeline/evaluate.py exp",
+                        "python pipeline/evaluate.py exp --hu-abs 30 --disable extent --fail-on-reject"))
     parser.add_argument("exp_dir", help="experiment folder (preprocess.py, then test.py with LMNet and LINet)")
     parser.add_argument("--tolerances", metavar="FILE.toml", help="tolerance file (default: EXP_DIR/quality.toml)")
     parser.add_argument("--which", choices=WHICH, default="latest",
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="do not write quality.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def tolerances_from_args(args: argparse.Namespace) -> Tolerances:

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.data.lists import read_aligned_lists  # noqa: E402
 from ldm.data.volume import Geometry, read_geometry, read_label, write_volume  # noqa: E402
-from ldm.cli import run_command  # noqa: E402
+from ldm.cli import add_version, examples, run_command  # noqa: E402
 from ldm.data.components import ranked_components  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError  # noqa: E402
 from ldm.fileio import atomic_path, write_json_atomic  # noqa: E402
@@ -326,8 +326,12 @@ def export_nnunet(exp_dir: str | os.PathLike, out_dir: str | os.PathLike, datase
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="export_nnunet.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="export_nnunet.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples('python pipeline/export_nnunet.py exp "$nnUNet_raw" --dataset-id 501 --name SynthLesions',
+                        'python pipeline/export_nnunet.py exp "$nnUNet_raw" --dataset-id 501 --name SynthLesions '
+                        "--only-passed --include-real train_images.txt train_labels.txt"))
     parser.add_argument("exp_dir", help="experiment folder with inpainted CTs (test.py with LINet)")
     parser.add_argument("out_dir", help="where Dataset<id>_<name> goes, e.g. \"$nnUNet_raw\"")
     parser.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id, 1..999 (e.g. 501)")
@@ -354,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn  # noqa: 
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from ldm.callbacks import LastCheckpoint, SetupCallback  # noqa: E402
-from ldm.cli import parse_gpus, split_overrides  # noqa: E402
+from ldm.cli import add_version, examples, parse_gpus, split_overrides  # noqa: E402
 from ldm.distributed import detect_launch  # noqa: E402
 from ldm.errors import ConfigError, DataError, LesionDiffusionError, MissingWeightsError  # noqa: E402
 from ldm.models.checkpoint import checkpoint_trust, lightning_allow_list  # noqa: E402
@@ -82,7 +82,9 @@ def str2bool(value: str | bool) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a LesionDiffusion stage. Extra key.sub=value arguments override the configs.",
-        epilog="example: python main.py --base configs/demo/lmnet.yaml -t --name demo model.params.fg_loss_weight=3")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("python pipeline/main.py --base configs/demo/lmnet.yaml -t --name demo_lmnet --max_steps 200",
+                        "python pipeline/main.py --resume logs/demo_lmnet --max_steps 400"))
     parser.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml",
                         help="configs merged left to right (from the current directory, else from pipeline/)")
     parser.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=True,
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="read checkpoints with full unpickling (may run code from the file; trust_checkpoint)")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks of configuration errors")
-    return parser
+    return add_version(parser)
 
 
 def parse_devices(text: str) -> int | str:

@@ -20,14 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ldm.cli import run_command  # noqa: E402
+from ldm.cli import HelpFormatter, add_version, examples, run_command  # noqa: E402
 from ldm.errors import ConfigError  # noqa: E402
 from ldm.util import resolve_path  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=examples('python pipeline/prepare_dataset.py "$nnUNet_raw/Dataset003_Liver" data/liver --organ liver '
+                        "--lesion-label 2 --organ-label 1 --workers 4",
+                        "python pipeline/prepare_dataset.py Dataset003_Liver data/liver --organ liver --lesion-label 2 "
+                        "--seg-dir segs --seg-version v2"))
     parser.add_argument("dataset_dir", help="nnU-Net v2 raw dataset: dataset.json, imagesTr/, labelsTr/")
     parser.add_argument("out", help="output folder (created)")
     parser.add_argument("--organ", required=True, help="organ of the lesions, a TotalSegmentator v1 name (liver, pancreas, kidney left ...)")
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already done")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def make_reporter(args: argparse.Namespace):

@@ -7,7 +7,7 @@ at least ``"organ type"`` and ``"lesion type"``. Writes ``exp_name/{img,seg,type
 input order, successful cases only), a folder per case and ``exp_name/preprocess_report.json``. Exit code 1
 when any case failed (each named in the summary), 0 otherwise. Paths on the command line resolve against the
 current directory. Under ``torchrun`` or ``srun`` every process takes its share of the CTs and rank 0 writes the
-lists and the report (README, 'Inference', several processes).
+lists and the report (docs/inference.md, 'Several processes and nodes').
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ldm.cli import run_command
+from ldm.cli import HelpFormatter, add_version, examples, run_command
 from ldm.errors import ConfigError
 from ldm.fileio import check_output_folder
 from ldm.util import resolve_path
@@ -32,8 +32,10 @@ RELEASE_TEST_CONFIGS = ("configs/diffusion/maskdiffusion_test.yaml", "configs/di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=examples("python pipeline/preprocess.py cts.txt exp attributes.txt --seg-list segs.txt --seg-version v2",
+                        "python pipeline/preprocess.py cts.txt exp attributes.txt --boxes-per-case 3 --workers 4"))
     parser.add_argument("filelist", help="text file, one CT (.nii/.nii.gz) per line")
     parser.add_argument("exp_name", help="output folder (created)")
     parser.add_argument("attributes", help='text file, one JSON object per CT, e.g. {"organ type": "liver", "lesion type": "cyst"}')
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already done")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def make_reporter(args: argparse.Namespace):

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ldm.cli import find_config, parse_gpus, run_command
+from ldm.cli import HelpFormatter, add_version, examples, find_config, parse_gpus, run_command
 from ldm.errors import ConfigError, DataError, MissingWeightsError
 from ldm.fileio import check_output_folder, write_json_atomic, write_text_atomic
 from ldm.models.diffusion.samplers import SAMPLERS
@@ -370,8 +370,11 @@ def table(rows: Sequence[SynthesisRow]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=examples("python pipeline/synthesize.py --ct CT.nii.gz --organ liver --lesion cyst --out out",
+                        "python pipeline/synthesize.py --ct CT.nii.gz --seg SEG.nii.gz --seg-version v2 --organ liver "
+                        "--lesion tumor --out out --steps 50 --gpus 0,1"))
     parser.add_argument("--ct", nargs="+", required=True, help="healthy CT(s), NIfTI in HU")
     parser.add_argument("--organ", required=True, help="organ name of pipeline/organ_type.json, e.g. liver")
     parser.add_argument("--lesion", required=True, help="lesion type, e.g. cyst, tumor, stone")
@@ -410,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="redo work already done in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference.cli import main  # noqa: E402
+from inference.cli import build_parser, main  # noqa: E402,F401 (build_parser: the command line, for tools)
 from quality.candidates import lesion_judge  # noqa: E402
 from quality.gate import gate_stage  # noqa: E402
 

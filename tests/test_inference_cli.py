@@ -83,7 +83,7 @@ def test_shipped_test_configs_parse(setup, tmp_path, capsys, monkeypatch, config
     exp_dir = tmp_path / "exp"
     write_lists(exp_dir, [phantom_row(exp_dir, setup["phantoms"], "case_006")])
     (exp_dir / "label_list.txt").write_text("case_006/bbox.nii.gz\n")
-    # From the repository root, as the README writes it: the config path falls back to pipeline/.
+    # From the repository root, as the docs write it: the config path falls back to pipeline/.
     monkeypatch.chdir(ROOT)
     assert main(["--base", f"configs/{config}", "--exp", str(exp_dir), "model.params.ckpt_path=absent.ckpt"]) == 1
     assert "absent.ckpt: checkpoint not found (model.params.ckpt_path)" in capsys.readouterr().err

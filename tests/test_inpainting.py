@@ -1,8 +1,12 @@
 """LINet (InpaintingDiffusion): release checkpoint names, masked loss, clean-latent blend, overfitting."""
+import numpy as np
 import pytest
 import torch
 from conftest import VOCABULARY_ENCODER, load_manifest, tiny_unet_config
 
+from inference.linet import latent_mask
+from inference.options import parse_options
+from ldm.errors import ConfigError
 from ldm.models.diffusion.inpainting import InpaintingDiffusion, dice_loss
 from ldm.models.diffusion.samplers import SamplerSettings
 from ldm.util import PIPELINE_DIR, instantiate_from_config, load_config
@@ -107,3 +111,21 @@ def test_sampling_keeps_the_latent_outside_the_mask_and_decodes(blend):
                          blend=blend, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample, again)
     assert model.decode(sample).shape == (1, 1, 16, 32, 32)
+
+
+def test_inference_latent_mask_max_pool_covers_thin_lesions_and_nearest_is_the_training_mask():
+    model = tiny_linet()
+    label = image_batch()["label"].clone()
+    label[0, 13, 2:6, 2:30] = 2  # a one-voxel-thin plate at an odd z: nearest downsampling (even z) misses it
+    lesion = (label[0] == 2).numpy()
+    max_pooled = latent_mask(lesion, 2, torch.device("cpu"))
+    nearest = latent_mask(lesion, 2, torch.device("cpu"), mode="nearest")
+    training = model.get_input({**image_batch(), "label": label})["mask"]
+    assert torch.equal(nearest, training)
+    reference = torch.from_numpy(lesion[::2, ::2, ::2].astype(np.float32))[None, None]
+    assert torch.equal(nearest, reference)
+    assert max_pooled[0, 0, 6, 1:3, 1:15].min() == 1 and nearest[0, 0, 6].sum() == 0
+    assert torch.equal(max_pooled * nearest, nearest)  # max-pooling only adds latent voxels
+    assert parse_options({"latent_mask": "nearest"}, "linet").latent_mask == "nearest"
+    with pytest.raises(ConfigError, match="inference.latent_mask"):
+        parse_options({"latent_mask": "linear"}, "linet")

@@ -155,7 +155,7 @@ def test_data_yaml_trains_the_demo_lmnet_through_main(prepared, tmp_path):
 
 
 def test_an_msd_task_converted_by_nnunet_is_prepared(prepared, tmp_path):
-    """The README's path: an MSD task (its own layout and dataset.json) -> nnUNetv2_convert_MSD_dataset ->
+    """The path of docs/datasets.md: an MSD task (its own layout and dataset.json) -> nnUNetv2_convert_MSD_dataset ->
     prepare_dataset.py."""
     converter = Path(sys.executable).parent / "nnUNetv2_convert_MSD_dataset"
     if not converter.is_file():

@@ -107,7 +107,7 @@ def test_cover_training_mask_is_the_inference_mask(dilation):
     torch.nn.Module.__init__(model)
     model.lesion_value, model.latent_mask_mode, model.latent_mask_dilation = 2, "cover", dilation
     training = model.latent_mask(label, torch.Size([1, 4, 8, 16, 16]))
-    assert torch.equal(training, latent_mask(lesion, 2, torch.device("cpu"), dilation))
+    assert torch.equal(training, latent_mask(lesion, 2, torch.device("cpu"), dilation=dilation))
     model.latent_mask_mode, model.latent_mask_dilation = "nearest", 0
     nearest = model.latent_mask(label, torch.Size([1, 4, 8, 16, 16]))
     assert bool((training >= nearest).all()) and training.sum() > nearest.sum()

@@ -262,8 +262,8 @@ def test_the_cadence_counts_crossed_multiples():
         LastCheckpoint("unused.ckpt", -1)
 
 
-def test_the_readme_sbatch_script_starts_then_resumes(tmp_path):
-    text = (ROOT / "README.md").read_text()
+def test_the_documented_sbatch_script_starts_then_resumes(tmp_path):
+    text = (ROOT / "docs" / "training.md").read_text()
     section = text[text.index("**Several nodes with SLURM**"):]
     script = section[section.index("```bash\n") + 8:section.index("```\n", section.index("```bash\n") + 8)]
     assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import vgg16
 
-from ldm.errors import MissingWeightsError
+from ldm.errors import ConfigError, MissingWeightsError
 from ldm.models.autoencoder import VQModel, VQModelInterface
 from ldm.modules.losses.discriminator import NLayerDiscriminator, hinge_d_loss
 from ldm.modules.losses.lpips import LPIPS
@@ -29,14 +29,14 @@ def smooth_phantom(shape):
     return ((radius < 1).float() * 0.5 + (blob < 0.15).float() * 0.4)[None, None]
 
 
-def tiny_vq(disc_start=10**6, learning_rate=1e-3, seed=0, **loss_params):
+def tiny_vq(disc_start=10**6, learning_rate=1e-3, seed=0, disc_start_counts="autoencoder_steps", **loss_params):
     ddconfig = dict(dims=3, double_z=False, z_channels=4, resolution=[8, 16, 16], in_channels=1, out_ch=1, ch=16,
                     ch_mult=[1, 1], num_res_blocks=0, attn_resolutions=[], attn_type="none", dropout=0.0,
                     sample_depth=[0])
     params = {"disc_start": disc_start, "perceptual_weight": 0.0, "disc_ndf": 8, **loss_params}
     torch.manual_seed(seed)
     return VQModel(ddconfig=ddconfig, lossconfig={"target": LOSS_TARGET, "params": params}, n_embed=64, embed_dim=4,
-                   learning_rate=learning_rate)
+                   learning_rate=learning_rate, disc_start_counts=disc_start_counts)
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +195,25 @@ def test_lightning_manual_optimisation_runs_both_steps_after_disc_start(tmp_path
     restored = tiny_vq()
     restored.on_load_checkpoint(checkpoint)
     assert restored.generator_steps == 3
+
+
+def fit_three_batches(model, tmp_path):
+    loader = DataLoader(RepeatedVolume(smooth_phantom((8, 16, 16))[0], 3), batch_size=1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    return trainer
+
+
+@pytest.mark.parametrize("counts, disc_steps", [("autoencoder_steps", 0), ("optimizer_steps", 2)])
+def test_disc_start_counts_autoencoder_steps_or_the_originals_optimizer_steps(tmp_path, counts, disc_steps):
+    # disc_start 3: counted in autoencoder steps the GAN is still off after 3 batches; counted as the original's
+    # Lightning 1.7 global_step (both optimisers, 2 per batch) the discriminator steps at batches 1 and 2.
+    model = tiny_vq(disc_start=3, disc_start_counts=counts)
+    trainer = fit_three_batches(model, tmp_path)
+    assert model.generator_steps == 3
+    assert trainer.global_step == 3 + disc_steps
+    assert [model.loss_step(0), model.loss_step(1)] == ([3, 3] if counts == "autoencoder_steps" else [6, 7])
+    with pytest.raises(ConfigError, match="disc_start_counts"):
+        tiny_vq(disc_start_counts="batches")

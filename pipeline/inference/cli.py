@@ -6,7 +6,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from ldm.cli import find_config, one_line_warnings, parse_gpus, split_overrides
+from ldm.cli import add_version, examples, find_config, one_line_warnings, parse_gpus, split_overrides
 from ldm.errors import LesionDiffusionError
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.util import load_config, parse_overrides
@@ -18,13 +18,10 @@ FLAG_KEYS = {"exp": "exp_dir", "seed": "seed", "steps": "steps", "eta": "eta",
              "vq_device": "vq_device", "max_mask_num": "max_mask_num", "candidates": "candidates",
              "resample_failed": "resample_failed"}
 
-EPILOG = """examples:
-  python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
-  python pipeline/test.py --base configs/diffusion/lesiondiffusion_test.yaml --exp exp --gpus 0,2
-  torchrun --nproc-per-node 4 pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp
-  python pipeline/test.py --base configs/demo/lmnet_test.yaml --exp demo/exp --sampler dpmpp_2m --steps 20
-  python pipeline/test.py --base configs/demo/linet_test.yaml --exp demo/exp --candidates 4 --resample-failed 2
-Config paths resolve against pipeline/ when relative and not found from the current directory."""
+EPILOG = examples(
+    "python pipeline/test.py --base configs/diffusion/maskdiffusion_test.yaml --exp exp",
+    "python pipeline/test.py --base configs/demo/linet_test.yaml --exp demo/exp --sampler dpmpp_2m --steps 20 "
+    "--candidates 4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="test.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="LesionDiffusion inference: LMNet lesion masks (maskdiffusion_test.yaml) or LINet inpainting "
                     "(lesiondiffusion_test.yaml) for every case of an experiment folder. Extra key.sub=value "
-                    "arguments override the configs.")
+                    "arguments override the configs. Config paths resolve against pipeline/ when relative and not "
+                    "found from the current directory.")
     parser.add_argument("-b", "--base", nargs="+", required=True, metavar="CONFIG.yaml",
                         help="test configs, merged left to right")
     parser.add_argument("--exp", help="experiment folder written by preprocess.py (inference.exp_dir)")
@@ -58,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="read checkpoints with full unpickling (may run code from the file; trust_checkpoint)")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def command_overrides(args: argparse.Namespace) -> list[str]:

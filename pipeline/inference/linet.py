@@ -6,8 +6,8 @@ Per lesion (the components of value 2 of the case's ``label_list.txt`` mask, lar
    with air where the volume is smaller), mapped to [0, 1] and VQ-encoded (the crop only; the original encoded
    and decoded the whole CT);
 2. the latent mask covers every latent voxel touching the lesion (max-pooling; training used nearest
-   downsampling, which can miss thin parts); DDIM in the latent keeps the clean latent outside the mask and is
-   guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
+   downsampling, which can miss thin parts; ``latent_mask: nearest`` uses that); DDIM in the latent keeps the
+   clean latent outside the mask and is guided by the report's LINet attributes (the UNet's ``skip_context`` must be false for the text to count);
 3. the crop is decoded (tiled for large crops), mapped to HU and pasted into the CT by :mod:`inference.paste`:
    beyond a rim of ``rim_mm`` around the lesion every voxel is the input's. Lesions whose crops no earlier
    lesion's paste reaches share a UNet batch, with the one-by-one result (:mod:`inference.box_batches`). With
@@ -46,7 +46,7 @@ from ldm.data.intensity import AIR_HU, hu_to_unit, unit_to_hu
 from ldm.data.organs import organ_name
 from ldm.data.volume import Geometry, read_volume, write_volume
 from ldm.errors import ConfigError, DataError
-from ldm.models.diffusion.inpainting import InpaintingDiffusion
+from ldm.models.diffusion.inpainting import InpaintingDiffusion, nearest_latent_mask
 from inference.batching import run_cases
 from inference.box_batches import BoxWaves, ItemInputs, sample_items, slices_meet
 from inference.candidates import Agreement, JudgedCase, LesionJudge, chunks, record_selection, require_judge, select
@@ -132,11 +132,17 @@ def decode_crop(model: InpaintingDiffusion, latent: torch.Tensor, crop_size: Seq
     return image[0, 0].float().cpu().numpy()
 
 
-def latent_mask(lesion: np.ndarray, factor: int, device: torch.device, dilation: int = 0) -> torch.Tensor:
-    """``[1, 1, *crop / f]`` float mask: 1 on every latent voxel whose image cell holds a lesion voxel, grown by
-    ``dilation`` latent voxels (the model's ``latent_mask_dilation``: it was trained to inpaint that much more)."""
+def latent_mask(lesion: np.ndarray, factor: int, device: torch.device, mode: str = "max_pool",
+                dilation: int = 0) -> torch.Tensor:
+    """``[1, 1, *ceil(crop / f)]`` float mask: with ``max_pool`` 1 on every latent voxel whose image cell holds a
+    lesion voxel; with ``nearest`` the training's nearest-neighbour downsampling (:func:`nearest_latent_mask`);
+    then grown by ``dilation`` latent voxels (the model's ``latent_mask_dilation``: it was trained to inpaint that
+    much more)."""
     lesion = torch.from_numpy(np.ascontiguousarray(lesion, dtype=np.float32))[None, None]
-    mask = F.max_pool3d(lesion, kernel_size=factor, stride=factor, ceil_mode=True)
+    if mode == "nearest":
+        mask = nearest_latent_mask(lesion, [-(-size // factor) for size in lesion.shape[2:]])
+    else:
+        mask = F.max_pool3d(lesion, kernel_size=factor, stride=factor, ceil_mode=True)
     if dilation:
         mask = F.max_pool3d(mask, 2 * dilation + 1, stride=1, padding=dilation)
     return mask.to(device)
@@ -168,7 +174,8 @@ def lesion_item(model: InpaintingDiffusion, setup: LesionSetup, crop: np.ndarray
     context and the seed."""
     image = hu_to_unit(crop.astype(np.float32))
     latent = encode_crop(model, torch.from_numpy(image)[None, None], options)
-    mask = latent_mask(setup.lesion, vq_factor(model), latent.device, getattr(model, "latent_mask_dilation", 0))
+    mask = latent_mask(setup.lesion, vq_factor(model), latent.device, options.latent_mask,
+                       getattr(model, "latent_mask_dilation", 0))
     seed = lesion_seed(options.seed, "linet", case_index, setup.component.rank)
     return ItemInputs((latent, mask, setup.context), seed)
 

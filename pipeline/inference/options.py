@@ -24,6 +24,7 @@ VQ_DEVICES = ("same", "neighbour", "cpu")
 VQ_TILING = ("auto", "always", "never")
 FILL_TARGETS = ("ellipsoid", "box")
 BLENDS = ("clean", "renoise")
+LATENT_MASKS = ("max_pool", "nearest")
 # Input lists each stage reads from the experiment folder (``preprocess.py`` writes the first four, LMNet the last).
 DEFAULT_LISTS = {
     "lmnet": {"image": "img_list.txt", "boxes": "bbox_list.txt", "type": "type_list.txt", "seg": "seg_list.txt"},
@@ -36,7 +37,7 @@ DEFAULT_THRESHOLDS = tuple(round(0.9 - 0.05 * index, 2) for index in range(13))
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Settings of one inference run (see the README fragment for what each one does)."""
+    """Settings of one inference run (docs/reference.md lists each key; docs/inference.md says what it does)."""
 
     stage: str
     exp_dir: Path | None = None
@@ -83,6 +84,9 @@ class InferenceOptions:
     fill_holes: bool = True
     # LINet
     blend: str = "clean"
+    # How the lesion mask reaches the latent grid: max-pooling (every latent voxel touching the lesion) or the
+    # nearest-neighbour downsampling of training and of the original's inference.
+    latent_mask: str = "max_pool"
     rim_mm: float = 2.0
     match_surroundings: bool = True
     hu_tolerance: float = 150.0
@@ -139,7 +143,7 @@ def check(options: InferenceOptions) -> InferenceOptions:
     """Validate every setting; returns ``options`` or raises a ConfigError naming the key."""
     for key, allowed in (("stage", STAGES), ("sampler", tuple(SAMPLERS)), ("precision", PRECISIONS),
                          ("vq_device", VQ_DEVICES), ("vq_tiling", VQ_TILING), ("fill_target", FILL_TARGETS),
-                         ("blend", BLENDS), ("seg_version", ("v1", "v2"))):
+                         ("blend", BLENDS), ("latent_mask", LATENT_MASKS), ("seg_version", ("v1", "v2"))):
         _choice(options, key, allowed)
     for key, minimum in (("max_mask_num", 1), ("min_component_voxels", 0), ("steps", 1), ("attempts", 1),
                          ("vq_tile", 2), ("vq_tile_overlap", 0), ("seed", 0), ("batch_size", 1),

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ldm.errors import ConfigError, MissingWeightsError
 
-RELEASE_SOURCE = "the original LesionDiffusion release (README, 'Released weights')"
+RELEASE_SOURCE = "the original LesionDiffusion release (docs/weights.md)"
 BIOMEDCLIP_SOURCE = "the Hugging Face repository microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 SOURCES = {
     "LMNet.ckpt": RELEASE_SOURCE,
@@ -30,7 +30,7 @@ SOURCES = {
     "open_clip_pytorch_model.bin": BIOMEDCLIP_SOURCE,
     "vocab.txt": BIOMEDCLIP_SOURCE + " (or leave vocab_file unset: the tokenizer ships with the project)",
 }
-OWN_RUN_SOURCE = ("your own training run (<logdir>/<name>/checkpoints/last.ckpt; README, 'Training') or "
+OWN_RUN_SOURCE = ("your own training run (<logdir>/<name>/checkpoints/last.ckpt; docs/training.md) or "
                   + RELEASE_SOURCE)
 # Where a sub-model built from ``<name>_config`` sits in its parent's state dict.
 SUBMODEL_PREFIXES = {"first_stage_config": "first_stage_model.", "cond_stage_config": "cond_stage_model.",

@@ -42,7 +42,7 @@ from inference.weights import verify_weights, weight_records
 POLL_SECONDS = 5.0
 StageHook = Callable[[str, Path, list, InferenceOptions], list]
 STAGE_CLASSES = {"lmnet": MaskDiffusion, "linet": InpaintingDiffusion}
-WEIGHTS_HINT = ("place the released checkpoint there (see the README, 'Weights'), or point "
+WEIGHTS_HINT = ("place the released checkpoint there (see docs/weights.md), or point "
                 "model.params.ckpt_path=... to your own training run's checkpoints/last.ckpt")
 
 

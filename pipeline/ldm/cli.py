@@ -9,10 +9,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from ldm import __version__
 from ldm.errors import ConfigError, LesionDiffusionError
 from ldm.util import PIPELINE_DIR
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, and the description and the examples printed as written."""
+
+
+def examples(*commands: str) -> str:
+    """An argparse epilog: ``examples:`` and one indented command per line."""
+    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
+
+
+def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` with ``--version``, which prints the one project version (``ldm.__version__``) and exits."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s (LesionDiffusion) {__version__}")
+    return parser
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

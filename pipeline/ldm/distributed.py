@@ -129,7 +129,7 @@ def process_group(launch: Launch, environ: Mapping[str, str] | None = None) -> I
     address = environ.get("MASTER_ADDR")
     if not address:
         raise ConfigError(f"{launch.launcher}: {launch.world} processes but MASTER_ADDR is not set; export the host "
-                          "of rank 0 (under SLURM: the first node of the job, see the README, 'Inference')")
+                          "of rank 0 (under SLURM: the first node of the job, see docs/inference.md)")
     # torchrun's agent may already serve the store on MASTER_PORT: env:// knows how to join it.
     init_method = ("env://" if launch.launcher == "torchrun"
                    else f"tcp://{address}:{environ.get('MASTER_PORT', DEFAULT_MASTER_PORT)}")

@@ -182,7 +182,7 @@ class OutputVolumes:
 
 def measure_output(spec: OutputSpec, tolerances: Tolerances, rim_mm: float,
                    seg_version: str = "v1", names: tuple[str, str] | None = None) -> list[LesionQuality]:
-    """Measure every lesion of one output (module docstring); ``names``: how the output and mask are shown in
+    """Measure every lesion of one output (docs/quality.md); ``names``: how the output and mask are shown in
     the results (default: their paths). DataError for unreadable or inconsistent inputs."""
     volumes = OutputVolumes(spec, seg_version)
     lesions = volumes.mask == LESION_VALUE

@@ -1,9 +1,5 @@
 """The quality checks and their tolerances: documented defaults, a ``quality.toml`` file, command-line overrides.
 
-Checks (a lesion passes when every applicable check passes; a check whose request is absent from the report is
-``n/a`` and does not fail):
-
-=================== ==============================================================================================
 ``hu``              ``|mean HU of the lesion's interior - report CT value| <= hu_abs`` (50 HU); the interior is
                     the lesion eroded by one voxel, as ``prepare_dataset.py`` measures the ``CT value`` it writes
 ``density``         the ``density`` verdict of :func:`ldm.lesion.compare`: same class (hypo/iso/hyper against the
@@ -37,6 +33,12 @@ Checks (a lesion passes when every applicable check passes; a check whose reques
     disabled = ["extent"]      # checks that never fail
     fail_attributes = ["lesion location", "density variations", "cavity",
                        "relationship with adjacent organs"]   # attributes whose disagreement fails a lesion
+=======
+The checks, what each measures and passes at, and the ``quality.toml`` format are written once, in
+``docs/quality.md`` (a test compares its TOML example with the defaults of :class:`Tolerances`). A lesion passes
+when every applicable check passes; a check whose request is absent from the report is ``n/a`` and does not fail;
+``unchanged_outside`` is a property of the whole output, so it fails every lesion of that output. Every key of the
+file is optional; unknown keys are errors.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ DEFAULT_FILE_NAME = "quality.toml"
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Tolerances of the checks (module docstring); HU in HU, lengths in mm, ratios without unit."""
+    """Tolerances of the checks (docs/quality.md); HU in HU, lengths in mm, ratios without unit."""
 
     hu_abs: float = DEFAULT.hu_abs
     iso_band_hu: float = DEFAULT.iso_band_hu
@@ -136,7 +138,7 @@ def tolerances_from_mapping(values: Mapping[str, Any], source: str = "tolerances
 
 
 def load_tolerances(path: str | os.PathLike) -> Tolerances:
-    """Read the ``[tolerances]`` table of a TOML file (module docstring); ConfigError naming the file otherwise."""
+    """Read the ``[tolerances]`` table of a TOML file (docs/quality.md); ConfigError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: tolerance file not found")

@@ -12,7 +12,9 @@ For even sizes nothing changes.
 Training uses manual optimisation (Lightning 2 has no ``optimizer_idx``): every ``training_step`` makes one
 autoencoder step, then (from ``disc_start`` on) one discriminator step. ``disc_start`` counts autoencoder
 steps (``generator_steps``, saved in the checkpoint), not Lightning's ``global_step``, which under manual
-optimisation counts the steps of both optimisers.
+optimisation counts the steps of both optimisers. The original (Lightning 1.7, automatic optimisation) compared
+``disc_start`` with ``global_step``, which counted both optimisers' steps from the first batch on, so its GAN
+terms started after half as many batches; ``disc_start_counts: optimizer_steps`` reproduces that count.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 COMMITMENT_BETA = 0.25
 ADAM_BETAS = (0.5, 0.9)
 STEPS_KEY = "vq_generator_steps"
+DISC_START_COUNTS = ("autoencoder_steps", "optimizer_steps")
 
 
 def pad_to_multiple(volume: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
@@ -81,8 +84,12 @@ class VQModel(pl.LightningModule):
                  ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
                  image_key: str = "image", monitor: str | None = None, lr_g_factor: float = 1.0,
                  learning_rate: float = 1e-4, quantize_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-                 pad_value: float = 0.0, fast_conv: bool = False):
+                 pad_value: float = 0.0, fast_conv: bool = False, disc_start_counts: str = "autoencoder_steps"):
         super().__init__()
+        if disc_start_counts not in DISC_START_COUNTS:
+            raise ConfigError(f"model.params.disc_start_counts: {disc_start_counts!r} is not one of "
+                              f"{', '.join(DISC_START_COUNTS)}")
+        self.disc_start_counts = disc_start_counts
         self.automatic_optimization = False
         self.image_key, self.monitor = image_key, monitor
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
@@ -154,8 +161,16 @@ class VQModel(pl.LightningModule):
         """Weight of the decoder's last conv (where the adaptive GAN weight is measured)."""
         return self.decoder.conv_out.weight
 
+    def loss_step(self, optimizer_idx: int) -> int:
+        """The step the loss compares with ``disc_start`` for optimiser ``optimizer_idx`` (0 autoencoder, 1
+        discriminator): the autoencoder steps so far, or with ``disc_start_counts: optimizer_steps`` the count of
+        the original's ``global_step``, where both optimisers stepped every batch: ``2 · batches + optimizer_idx``."""
+        if self.disc_start_counts == "optimizer_steps":
+            return 2 * self.generator_steps + optimizer_idx
+        return self.generator_steps
+
     def _loss_step(self, x, reconstruction, codebook_loss, indices, optimizer_idx, split):
-        return self.loss(codebook_loss, x, reconstruction, optimizer_idx, self.generator_steps,
+        return self.loss(codebook_loss, x, reconstruction, optimizer_idx, self.loss_step(optimizer_idx),
                          last_layer=self.get_last_layer(), split=split, predicted_indices=indices)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -167,7 +182,7 @@ class VQModel(pl.LightningModule):
         optimizer_ae.zero_grad(set_to_none=True)
         self.manual_backward(ae_loss)
         optimizer_ae.step()
-        if self.loss.discriminator_active(self.generator_steps):
+        if self.loss.discriminator_active(self.loss_step(1)):
             disc_loss, log_disc = self._loss_step(x, reconstruction.detach(), codebook_loss, indices, 1, "train")
             optimizer_disc.zero_grad(set_to_none=True)
             self.manual_backward(disc_loss)

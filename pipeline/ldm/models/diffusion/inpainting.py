@@ -21,6 +21,11 @@ def dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e
 
 
 LATENT_MASK_MODES = ("nearest", "cover")
+def nearest_latent_mask(lesion: torch.Tensor, latent_size) -> torch.Tensor:
+    """``[B, 1, *latent_size]`` float mask of a ``[B, 1, *S]`` lesion mask, nearest-neighbour downsampled: what
+    training (here and in the original) and the original's inference use. It can miss lesion parts thinner than
+    the VQ's downsampling factor."""
+    return (F.interpolate(lesion.float(), size=tuple(int(n) for n in latent_size), mode="nearest") > 0.5).float()
 
 
 class InpaintingDiffusion(DDPM):
@@ -62,7 +67,7 @@ class InpaintingDiffusion(DDPM):
         label = label if label.ndim == 5 else label.unsqueeze(1)
         lesion = (label == self.lesion_value).float()
         if self.latent_mask_mode == "nearest":
-            mask = F.interpolate(lesion, size=tuple(latent_shape[2:]), mode="nearest")
+            mask = nearest_latent_mask(lesion, latent_shape[2:])
         else:
             mask = F.adaptive_max_pool3d(lesion, tuple(latent_shape[2:]))
         if self.latent_mask_dilation:
