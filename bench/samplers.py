@@ -123,7 +123,7 @@ def errors(sample: torch.Tensor, reference: torch.Tensor, region: torch.Tensor |
             "max_abs": round(float(difference.abs().max()), 5)}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 200])
     parser.add_argument("--reference-steps", type=int, default=1000)
@@ -131,7 +131,11 @@ def main() -> None:
     parser.add_argument("--weights", choices=("demo", "random", "gaussian"), default="demo")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for stage in args.stages:

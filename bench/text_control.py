@@ -338,7 +338,7 @@ def print_table(result: dict) -> None:
           f"contrast with the liver (median of {result['first_stage']['lesions']} hypo- and hyperdense lesions)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-phrase", type=int, default=20, help="lesions per requested phrase, at least")
     parser.add_argument("--candidates", type=int, default=4, help="K of best of K")
@@ -348,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train the demo models again")
     parser.add_argument("--out", default=str(DEMO_DIR / "out" / "text_control"), help="output folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     result = run(args)
     print(json.dumps(result))

@@ -27,12 +27,15 @@ from experiments.compare import DEFAULT_BOOTSTRAP, compare_predictions  # noqa: 
 from experiments.lesions import DEFAULT_MIN_OVERLAP  # noqa: E402
 from experiments.report import format_table, write_report  # noqa: E402
 from ldm.cli import run_command  # noqa: E402
+from ldm.cli import HelpFormatter, add_version, examples  # noqa: E402
 from ldm.errors import DataError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compare_segmentation.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="compare_segmentation.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=examples("python pipeline/compare_segmentation.py base_pred aug_pred labelsTr --json cmp/result.json",
+                        "python pipeline/compare_segmentation.py base_pred aug_pred labelsTr --lesion-label 1"))
     parser.add_argument("baseline_pred", help="predictions of the baseline model (real cases only)")
     parser.add_argument("augmented_pred", help="predictions of the augmented model (real + synthetic)")
     parser.add_argument("labels", help="reference labels, <case>.nii.gz (e.g. Dataset<ID>_<Name>Real/labelsTr)")
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def run(args: argparse.Namespace) -> int:

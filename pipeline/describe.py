@@ -18,14 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ldm.cli import run_command  # noqa: E402
+from ldm.cli import HelpFormatter, add_version, examples, run_command  # noqa: E402
 from ldm.fileio import write_json_atomic  # noqa: E402
 from preparation.describe import describe_files  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="describe.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="describe.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=examples("python pipeline/describe.py ct.nii.gz label.nii.gz --seg seg.nii.gz --seg-version v2",
+                        "python pipeline/describe.py ct.nii.gz label.nii.gz --organ liver --json lesions.json"))
     parser.add_argument("ct", help="the CT (NIfTI, HU after the header's scaling)")
     parser.add_argument("label", help="label map on the CT's grid holding the lesions")
     parser.add_argument("--seg", help="organ segmentation on the CT's grid (TotalSegmentator)")
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--organ", help="organ the lesions lie in (default: the segmented organ holding each)")
     parser.add_argument("--json", metavar="OUT.json", help="also write every lesion's report and measurements here")
     parser.add_argument("-d", "--debug", action="store_true", help="show tracebacks")
-    return parser
+    return add_version(parser)
 
 
 def run(args: argparse.Namespace) -> int:

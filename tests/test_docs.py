@@ -41,7 +41,7 @@ quality: 8 output(s) --not-a-command
         "page.md:3: pipeline/test.py: --stepz is not a flag of its command line",
         "page.md:4: configs/diffusion/maskdiffusion_tests.yaml: no such file in the repository (looked for "
         "pipeline/configs/diffusion/maskdiffusion_tests.yaml)",
-        "page.md:4: pipeline/test.py: --sampler plms: not one of ddim, ddpm",
+        "page.md:4: pipeline/test.py: --sampler plms: not one of ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, unipc",
         "page.md:4: inference.ddim_step: no such inference setting",
         "page.md:5: torchrun: --bogus is not a flag of its command line",
         "page.md:6: make lint: no such target in the Makefile",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ldm.data.crops import FACE_CONNECTIVITY
+from ldm.data.components import FACE_CONNECTIVITY
 from quality.plot import equivalent_diameter_mm
 
 SIZE_BINS = ("<10 mm", "10-20 mm", ">20 mm")
