@@ -77,9 +77,11 @@ def test_spacing_defaults_to_the_models_and_a_different_one_is_named_once_with_t
 
 
 def test_the_readme_example_with_the_demo_configs_runs_at_the_demo_spacing():
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## One command: healthy CT in, CT with lesions out", 1)[1].split("```", 2)[1]
-    assert "--spacing 1" not in block
+    blocks = [block for page in ("README.md", "docs/synthesis.md")
+              for block in re.findall(r"^```bash\n(.*?)^```", (ROOT / page).read_text(encoding="utf-8"), re.M | re.S)
+              if "pipeline/synthesize.py" in block]
+    assert any("configs/demo/lmnet_test.yaml" in block for block in blocks)
+    assert blocks and not [block for block in blocks if "--spacing 1" in block]
     args = synthesize.build_parser().parse_args(["--ct", "ct.nii.gz", "--organ", "liver", "--lesion", "cyst",
                                                  "--out", "out", "--lmnet-config", "configs/demo/lmnet_test.yaml",
                                                  "--linet-config", "configs/demo/linet_test.yaml"])
