@@ -108,7 +108,7 @@ def test_a_batch_that_raises_is_retried_item_by_item_and_the_error_lands_on_its_
     context = model.encode_context([{"shape": "round-like,"}, {"shape": "irregular,"}, {"density": "low density,"}])
     masks = [(torch.rand(1, 3, 8, 16, 16) > 0.5).float() for _ in range(3)]
     masks[1] = masks[1].to("meta")    # same shape and dtype, so it joins the batch; the batch cannot be assembled
-    settings = dict(steps=2, eta=1.0, guidance_scale=1.0)
+    settings = dict(sampling=SamplerSettings(steps=2, eta=1.0), guidance_scale=1.0)
     batching = BatchingModel(model, batch_size=3)
     everyone_in_flight = threading.Barrier(3)
 
