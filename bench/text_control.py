@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
     checkpoints = ensure_models(args.retrain)
     lmnet, linet = load("configs/demo/lmnet_test.yaml", checkpoints["lmnet"]), load("configs/demo/linet_test.yaml",
                                                                                     checkpoints["linet"])
-    out = Path(args.out).resolve()
+    out = Path(args.out).resolve() if args.out else DEMO_DIR / "out" / "text_control"
     requests = heldout_requests(args.per_phrase)
     print(f"[bench] {len(requests)} held-out lesions, {args.candidates} candidate(s) each", flush=True)
     judged, volumes, masks = [], [], []
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16, help="lesions per UNet batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train the demo models again")
-    parser.add_argument("--out", default=str(DEMO_DIR / "out" / "text_control"), help="output folder")
+    parser.add_argument("--out", help="output folder (default demo/out/text_control)")
     return parser
 
 

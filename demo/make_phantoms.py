@@ -9,9 +9,9 @@ list files ``{train,val}_{image,label,type,seg,coarseg}_list.txt`` (entries rela
     python demo/make_phantoms.py --out demo/data --n 8 --seed 0 [--shape Z Y X] [--spacing S] [--overwrite]
         [--lesions mixed|attributes]
 
-``--lesions mixed`` (default): the lesion kinds of :data:`LESION_KINDS` take turns (cysts, tumours, kidney, spleen
-and bladder lesions). ``--lesions attributes``: one liver lesion per case whose attributes are drawn at random and
-independently (the data set that shows whether a model obeys the text): density hypo / iso / hyper against the
+``--lesions mixed`` (default): the lesion kinds of :data:`demo.phantom_lesions.LESION_KINDS` take turns (cysts,
+tumours, kidney, spleen and bladder lesions). ``--lesions attributes``: one liver lesion per case whose
+attributes are drawn at random and independently (the data set that shows whether a model obeys the text): density hypo / iso / hyper against the
 liver (:data:`ATTRIBUTE_OFFSET_HU`), shape round or lobulated, margin sharp or fading, density variations
 homogeneous or two-part (:data:`TWO_PART_HU`; iso lesions are homogeneous: in two parts they would be
 mixed-density), and size (:data:`ATTRIBUTE_RADIUS_MM`). The report is written from the construction in the
@@ -28,22 +28,22 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipeline")
-if _PIPELINE not in sys.path:
-    sys.path.insert(0, _PIPELINE)
+_ROOT = Path(__file__).resolve().parents[1]
+for _path in (str(_ROOT / "pipeline"), str(_ROOT)):  # the pipeline's packages, and demo/ as a package
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
+from demo.phantom_lesions import FOCAL_LESION, Lesion, draw_lesion  # noqa: E402
 from ldm.cli import add_version, examples  # noqa: E402
-from ldm.data.crops import largest_component  # noqa: E402
 from ldm.data.organs import is_hollow, organ_id  # noqa: E402
 from ldm.data.synthetic_geometry import (  # noqa: E402
-    Grid, distance_inside, geometry_for, random_blob, smooth_field, within_distance,
+    Grid, geometry_for, random_blob, smooth_field, within_distance,
 )
 from ldm.data.volume import Geometry, write_volume  # noqa: E402
 from ldm.fileio import write_text_atomic  # noqa: E402
@@ -67,39 +67,12 @@ ORGANS = {
     "kidney left": ((0.05, -0.36, 0.38), (0.40, 0.24, 0.18), 35.0),
     "urinary bladder": ((-0.70, 0.30, 0.0), (0.25, 0.38, 0.28), 5.0),
 }
-VERTEBRAE = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3", "T2", "T1")
-LESION_KINDS = (("liver", "cyst"), ("liver", "tumour"), ("kidney", "lesion"), ("spleen", "lesion"),
-                ("urinary bladder", "wall thickening"))
 HU_THRESHOLD_DENSITY = 10.0  # |lesion - organ| mean HU below this is "isodense"
 CLOSE_TO_OTHER_ORGAN_MM = 5.0
 CAVITY = {"solid": "within the parenchymal organ,", "hollow": "wall thickening,"}
-# Attribute phantoms (lesions="attributes"): every lesion in the liver, each attribute drawn on its own.
 LESION_SETS = ("mixed", "attributes")
-FOCAL_LESION = "focal lesion"
-DENSITIES = ("hypo", "iso", "hyper")
-ATTRIBUTE_OFFSET_HU = {"hypo": (-60.0, -35.0), "iso": (-3.0, 3.0), "hyper": (35.0, 60.0)}
-ATTRIBUTE_RADIUS_MM = (6.0, 9.0)  # a round lesion's radius; lobulated ones reach LOBE_REACH x that (< 16 voxels)
-LOBES, LOBE_OFFSET, LOBE_RADIUS = 4, 1.0, 0.6  # lobe centres this far out, lobe and core radius, x the radius
-LOBE_REACH = LOBE_OFFSET + LOBE_RADIUS
-FADING_HALO_GAIN = 3.0  # a fading margin that the measurement calls ill-defined with room to spare
-TWO_PART_HU = (20.0, 25.0)  # each half this far from the lesion's mean: clearly beyond the noise (10-15 HU)
 CYSTIC_SHAPE_PROBABILITY = 0.3  # a round fluid-like lesion is called "cystic" this often, as the offline reporter does
-
-
-@dataclass
-class Lesion:
-    """A drawn lesion: where it is, how it blends in and what was drawn (which the report must say)."""
-
-    organ: str
-    kind: str
-    mask: np.ndarray
-    weight: np.ndarray
-    values: np.ndarray
-    irregular: bool
-    blurred: bool
-    heterogeneous: bool
-
-
+VERTEBRAE = ("L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3", "T2", "T1")
 def _phrase(rng: np.random.Generator, vocabulary: dict, attribute: str, group: int) -> str:
     """A random synonym of ``description.json[attribute][group]``, lower-case with one trailing comma."""
     synonyms = vocabulary[attribute][group]
@@ -170,131 +143,6 @@ def _draw_spine_and_aorta(rng, grid: Grid, rx: float, ry: float, body, hu: np.nd
     hu[aorta], seg[aorta] = rng.uniform(150.0, 170.0), organ_id("aorta")
 
 
-def _blend_weight(mask: np.ndarray, organ: np.ndarray, blurred: bool, spacing, halo_gain: float = 2.0) -> np.ndarray:
-    """Weight of the lesion over the healthy CT: the mask itself (sharp) or a Gaussian-blurred mask kept to the
-    organ (ill-defined margin; ``halo_gain`` sets how much contrast the first voxels outside the mask keep)."""
-    if not blurred:
-        return mask.astype(np.float64)
-    sigma_mm = 1.2 * float(np.mean(spacing))
-    blurred_mask = ndimage.gaussian_filter(mask.astype(np.float64), sigma=[sigma_mm / s for s in spacing])
-    # Full contrast inside the lesion, a halo fading over ~2 sigma outside it: the margin is ill-defined while the
-    # lesion keeps the density it was drawn with.
-    halo = np.minimum(1.0, halo_gain * blurred_mask)
-    halo[halo < 0.02] = 0.0  # end the halo ~2.3 sigma out instead of at the filter's truncation radius
-    return np.maximum(mask, halo) * organ
-
-
-def _fitted_blob(rng, semi_mm, irregular: bool, max_reach_mm: float):
-    """A random blob with ``semi_mm`` semi-axes, shrunk so that it reaches at most ``max_reach_mm`` from its centre."""
-    blob = random_blob(rng, (0, 0, 0), semi_mm, irregularity=0.6 if irregular else 0.0, max_tilt_deg=45.0, lobes=6)
-    return blob.scaled(min(1.0, 0.98 * max_reach_mm / blob.reach))
-
-
-def _random_centre(rng, grid: Grid, depth: np.ndarray, min_depth_mm: float) -> np.ndarray:
-    """A random voxel centre (mm) at least ``min_depth_mm`` inside the organ whose depth map is ``depth``."""
-    candidates = np.flatnonzero(depth >= min_depth_mm)
-    centre_index = np.unravel_index(candidates[int(rng.integers(candidates.size))], grid.shape)
-    return np.array([float(axis.ravel()[i]) for axis, i in zip(grid.coordinates(), centre_index)])
-
-
-def _attribute_lesion(rng, grid: Grid, organ: np.ndarray, organ_hu: float) -> Lesion:
-    """A liver lesion whose attributes are drawn independently (module docstring, ``lesions="attributes"``)."""
-    density = DENSITIES[int(rng.integers(len(DENSITIES)))]
-    irregular, blurred = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    two_part = density != "iso" and bool(rng.random() < 0.5)  # an iso lesion in two parts is mixed-density
-    target = organ_hu + rng.uniform(*ATTRIBUTE_OFFSET_HU[density])
-    depth = distance_inside(organ, grid.spacing)
-    margin = max(grid.spacing)
-    radius = min(rng.uniform(*ATTRIBUTE_RADIUS_MM), (depth.max() - margin) / LOBE_REACH)
-    centre = _random_centre(rng, grid, depth, radius * (LOBE_REACH if irregular else 1.0) + margin)
-    if irregular:  # lobulated: a cluster of balls around a smaller core, deep notches between them
-        mask = random_blob(rng, centre, np.full(3, LOBE_RADIUS * radius)).mask(grid)
-        for direction in rng.standard_normal((LOBES, 3)):
-            offset = LOBE_OFFSET * radius * direction / np.linalg.norm(direction)
-            mask |= random_blob(rng, centre + offset, np.full(3, LOBE_RADIUS * radius)).mask(grid)
-        mask = largest_component(mask & organ)
-    else:
-        mask = random_blob(rng, centre, radius * rng.uniform(0.85, 1.0, size=3), max_tilt_deg=45.0).mask(grid) & organ
-    values = np.full(grid.shape, target)
-    if two_part:
-        # Two halves either side of a random plane through the lesion's centroid, one brighter, one darker.
-        centroid = np.argwhere(mask).mean(axis=0)
-        axes = np.ogrid[tuple(slice(0, size) for size in grid.shape)]
-        side = sum(n * (axis - c) for n, axis, c in zip(rng.standard_normal(3), axes, centroid))
-        values = values + rng.uniform(*TWO_PART_HU) * np.where(side > 0, 1.0, -1.0)
-    weight = _blend_weight(mask, organ, blurred, grid.spacing, halo_gain=FADING_HALO_GAIN)
-    return Lesion("liver", FOCAL_LESION, mask, weight, values, irregular, blurred, two_part)
-
-
-def _solid_lesion(rng, grid: Grid, organ: np.ndarray, organ_name: str, kind: str, organ_hu: float) -> Lesion:
-    """A blob entirely inside a solid organ; intensity, shape, margin and texture drawn per lesion kind."""
-    family = organ_name.split()[0]  # "kidney left" -> "kidney"
-    if kind == "cyst":
-        irregular, blurred, heterogeneous, target = False, False, False, rng.uniform(2.0, 12.0)
-    else:
-        irregular, blurred = bool(rng.random() < 0.5), bool(rng.random() < 0.45)
-        density = rng.choice(["hypo", "hyper", "iso"], p=[0.5, 0.3, 0.2] if family == "liver" else [0.7, 0.3, 0.0])
-        offset = {"hypo": rng.uniform(-40.0, -25.0), "hyper": rng.uniform(22.0, 32.0), "iso": rng.uniform(-3.0, 3.0)}
-        target = organ_hu + offset[density]
-        heterogeneous = density == "iso" or (family != "kidney" and bool(rng.random() < 0.5))
-    depth = distance_inside(organ, grid.spacing)
-    if depth.max() <= 0:
-        raise ConfigError(f"the {organ_name} is empty at shape {grid.shape}; use a larger --shape")
-    margin = max(grid.spacing)
-    semi = (depth.max() - margin) * rng.uniform(0.5, 0.7) * rng.uniform(0.85, 1.0, size=3)
-    blob = _fitted_blob(rng, semi, irregular, depth.max() - margin)
-    if irregular and blob.semi_axes.min() < 2.5 * max(grid.spacing):
-        # Lobes of a lesion only a few voxels across would not show: draw it round.
-        irregular, blob = False, _fitted_blob(rng, semi, False, depth.max() - margin)
-    if blob.semi_axes.min() < 1.5 * min(grid.spacing):
-        raise ConfigError(f"the {organ_name} is too small for a lesion at shape {grid.shape} and spacing "
-                          f"{grid.spacing} mm; use a larger --shape")
-    mask = blob.moved(_random_centre(rng, grid, depth, blob.reach + margin)).mask(grid) & organ
-    heterogeneous = heterogeneous and blob.semi_axes.min() >= 2.5 * max(grid.spacing)
-    values = np.full(grid.shape, target)
-    if heterogeneous:
-        texture = smooth_field(rng, grid, 1.2 * float(blob.semi_axes.mean()))
-        values += rng.uniform(25.0, 32.0) * (texture - texture[mask].mean())
-    weight = _blend_weight(mask, organ, blurred, grid.spacing)
-    return Lesion(organ_name, kind, mask, weight, values, irregular, blurred, bool(heterogeneous))
-
-
-def _wall_thickening(rng, grid: Grid, organ: np.ndarray) -> Lesion:
-    """An irregular patch of thickened wall of a hollow organ, grown inwards from a random point of its wall."""
-    depth = distance_inside(organ, grid.spacing)
-    wall = np.flatnonzero(organ & (depth <= max(grid.spacing) * 1.01))
-    if wall.size == 0:
-        raise ConfigError(f"the urinary bladder is empty at shape {grid.shape}; use a larger --shape")
-    point = np.unravel_index(wall[int(rng.integers(wall.size))], grid.shape)
-    z, y, x = grid.coordinates()
-    distance = np.sqrt((z - z.ravel()[point[0]]) ** 2 + (y - y.ravel()[point[1]]) ** 2 + (x - x.ravel()[point[2]]) ** 2)
-    wobble = smooth_field(rng, grid, 12.0)
-    extent = depth.max() * rng.uniform(0.7, 1.0) * (1.0 + 0.2 * wobble)
-    thickness = max(grid.spacing) * rng.uniform(2.2, 3.2) * (1.0 + 0.3 * wobble)
-    # A thin shell can fall apart into pieces; inference treats each face-connected piece as its own lesion.
-    mask = largest_component(organ & (distance <= extent) & (depth <= thickness))
-    blurred = bool(rng.random() < 0.4)
-    values = np.full(grid.shape, rng.uniform(38.0, 50.0))
-    weight = _blend_weight(mask, organ, blurred, grid.spacing)
-    return Lesion("urinary bladder", "wall thickening", mask, weight, values, True, blurred, False)
-
-
-def _draw_lesion(rng, grid: Grid, index: int, hu: np.ndarray, seg: np.ndarray, lesions: str) -> Lesion:
-    """The lesion of case ``index``: for ``lesions="mixed"`` the lesion kinds take turns, so any 5 consecutive cases
-    cover all of them; for ``"attributes"`` a liver lesion with independently drawn attributes."""
-    if lesions == "attributes":
-        liver = seg == organ_id("liver")
-        return _attribute_lesion(rng, grid, liver, float(np.median(hu[liver])))
-    organ_name, kind = LESION_KINDS[index % len(LESION_KINDS)]
-    if organ_name == "kidney":
-        organ_name = f"kidney {'right' if rng.random() < 0.5 else 'left'}"
-    organ = seg == organ_id(organ_name)
-    if organ_name == "urinary bladder":
-        return _wall_thickening(rng, grid, organ)
-    organ_hu = float(np.median(hu[organ])) if organ.any() else 0.0
-    return _solid_lesion(rng, grid, organ, organ_name, kind, organ_hu)
-
-
 def _report(rng, lesion: Lesion, image: np.ndarray, seg: np.ndarray, geometry: Geometry, spacing) -> tuple[dict, dict]:
     """The structured report (``type.json`` content) and the manifest entry, both measured on the written arrays."""
     vocabulary = json.loads((PIPELINE_DIR / "description.json").read_text())
@@ -356,7 +204,7 @@ def render_case(seed: int, index: int, geometry: Geometry, lesions: str = "mixed
     grid = Grid(geometry.shape_zyx, geometry.spacing_zyx)
     clean, seg = _draw_anatomy(rng, grid)
     healthy_smooth = ndimage.gaussian_filter(clean, sigma=0.6)  # partial-volume edges
-    lesion = _draw_lesion(rng, grid, index, clean, seg, lesions)
+    lesion = draw_lesion(rng, grid, index, clean, seg, lesions)
     with_lesion = healthy_smooth + lesion.weight * (lesion.values - healthy_smooth)
     noise = ndimage.gaussian_filter(rng.standard_normal(grid.shape), sigma=0.5)
     noise *= rng.uniform(10.0, 15.0) / noise.std()
