@@ -11,10 +11,11 @@ list files ``{train,val}_{image,label,type,seg,coarseg}_list.txt`` (entries rela
 
 ``--lesions mixed`` (default): the lesion kinds of :data:`demo.phantom_lesions.LESION_KINDS` take turns (cysts,
 tumours, kidney, spleen and bladder lesions). ``--lesions attributes``: one liver lesion per case whose
-attributes are drawn at random and independently (the data set that shows whether a model obeys the text): density hypo / iso / hyper against the
-liver (:data:`ATTRIBUTE_OFFSET_HU`), shape round or lobulated, margin sharp or fading, density variations
-homogeneous or two-part (:data:`TWO_PART_HU`; iso lesions are homogeneous: in two parts they would be
-mixed-density), and size (:data:`ATTRIBUTE_RADIUS_MM`). The report is written from the construction in the
+attributes are drawn at random and independently (the data set that shows whether a model obeys the text):
+density hypo / iso / hyper against the liver (``ATTRIBUTE_OFFSET_HU``), shape round or lobulated, margin sharp or
+fading, density variations homogeneous or two-part (``TWO_PART_HU``; iso lesions are homogeneous: in two parts
+they would be mixed-density), and size (``ATTRIBUTE_RADIUS_MM``, all three in :mod:`demo.phantom_lesions`). The
+report is written from the construction in the
 ``type.json`` vocabulary; the manifest entry names the drawn density class.
 
 Case ``i`` depends only on ``(seed, i)`` and the grid, so the same seed gives identical arrays. Arrays are drawn
